@@ -1,0 +1,213 @@
+"""The store's layout: array paths, metadata schema, chunking, and validation on open.
+
+One Zarr v3 group. Every array grows along a leading step axis (or a flat ragged axis with
+per-step counts) and carries a ``description`` attribute, so the store explains itself to
+anyone who opens it with plain ``zarr.open_group``::
+
+    /                          attrs["historystore"]: RunMeta (schema, tensors, optimizer, config)
+    /commit                    attrs: committed counts; written after the data (readers trust it)
+    /params/<name>/<array>     [T, *shape]  the encoding's arrays for Δ_t (``delta`` for full)
+    /params/<name>/keyframes   [K, *shape]  θ_t at the steps in /keyframe_steps
+    /buffers/<name>            [K, *shape]  module buffers (BatchNorm statistics) at keyframes
+    /keyframe_steps            [K]
+    /optim/<name>/<key>        [T, *shape]  optimizer state after step t
+    /steps/<scalar>            [T]          loss, timestamp, duration, batch_size, ...
+    /steps/hparams/<g>.<key>   [T]          param-group hyperparameters (lr, betas, ...)
+    /steps/nonfinite           [T, n]       count of NaN/inf per tensor's delta
+    /batch/ids, labels         [N]          example ids (ragged, sizes in /steps/batch_size)
+    /batch/ghost_ids           [G]          ghost-sample ids (sizes in /steps/ghost_size)
+    /fixes/tensor,index,bits   [F]          exact replay corrections (sizes in /steps/num_fixes)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ._version import __version__
+from .errors import NotAStoreError, SchemaVersionError
+
+SCHEMA_VERSION = 1
+ATTR_KEY = "historystore"
+
+STEP_SCALARS: dict[str, tuple[str, str]] = {
+    "loss": ("float64", "training loss of the step (NaN when not given)"),
+    "timestamp": ("float64", "unix time when rec.step() recorded the step"),
+    "duration": ("float64", "wall-clock seconds since the previous recorded step"),
+    "batch_size": ("int32", "number of example ids of the step in /batch/ids"),
+    "ghost_size": ("int32", "number of ghost-sample ids of the step in /batch/ghost_ids"),
+    "num_fixes": ("int32", "number of exact-replay corrections of the step in /fixes"),
+}
+RAGGED: dict[str, tuple[str, str]] = {
+    "batch/ids": ("int64", "example ids of every step, concatenated (see /steps/batch_size)"),
+    "batch/labels": ("int64", "labels of the examples in /batch/ids (-1 when not given)"),
+    "batch/ghost_ids": ("int64", "ghost-sample ids (batch-norm only), see /steps/ghost_size"),
+    "fixes/tensor": ("int32", "index into the tensor table of each replay correction"),
+    "fixes/index": ("int64", "flat element index of each replay correction"),
+    "fixes/bits": ("uint64", "exact bits of θ_{t+1} at that element (zero-extended)"),
+}
+#: ragged array -> the per-step count array that splits it into steps
+RAGGED_COUNTS = {
+    "batch/ids": "batch_size",
+    "batch/labels": "batch_size",
+    "batch/ghost_ids": "ghost_size",
+    "fixes/tensor": "num_fixes",
+    "fixes/index": "num_fixes",
+    "fixes/bits": "num_fixes",
+}
+RAGGED_CHUNK = 1 << 16
+SCALAR_CHUNK = 1 << 12
+
+INT_VIEW = {"float32": np.int32, "float64": np.int64, "float16": np.int16, "bfloat16": np.int16}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One recorded parameter tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    encoding: str = "full"
+    encoding_params: dict[str, Any] = field(default_factory=dict)
+    encoding_reason: str = "default"
+    codec: str = ""
+    chunk_steps: int = 1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * np.dtype(storage_dtype(self.dtype)).itemsize
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """A buffer or optimizer-state array: name, shape (without step axis), dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class RunMeta:
+    """Everything about a run that is fixed when recording starts (root attributes)."""
+
+    tensors: list[TensorInfo]
+    buffers: list[ArrayInfo]
+    optimizer: dict[str, Any]
+    optim_state: dict[str, list[ArrayInfo]]
+    hparam_keys: list[str]
+    config: dict[str, Any]
+    recorder: dict[str, Any]
+    schema_version: int = SCHEMA_VERSION
+    library_version: str = __version__
+    created: float = field(default_factory=time.time)
+
+    def tensor(self, name: str) -> TensorInfo:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"no recorded tensor {name!r}; recorded: {[t.name for t in self.tensors]}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["format"] = "historystore"
+        d["description"] = __doc__
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunMeta:
+        return cls(
+            tensors=[_tensor_info(t) for t in d["tensors"]],
+            buffers=[_array_info(b) for b in d["buffers"]],
+            optimizer=d["optimizer"],
+            optim_state={k: [_array_info(a) for a in v] for k, v in d["optim_state"].items()},
+            hparam_keys=list(d["hparam_keys"]),
+            config=d["config"],
+            recorder=d["recorder"],
+            schema_version=d["schema_version"],
+            library_version=d["library_version"],
+            created=d["created"],
+        )
+
+
+def _tensor_info(d: dict[str, Any]) -> TensorInfo:
+    return TensorInfo(**{**d, "shape": tuple(d["shape"])})
+
+
+def _array_info(d: dict[str, Any]) -> ArrayInfo:
+    return ArrayInfo(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+def storage_dtype(dtype: str) -> str:
+    """bfloat16 is not a zarr dtype: it is stored as its uint16 bits."""
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def param_path(name: str, array: str) -> str:
+    return f"params/{name}/{array}"
+
+
+def keyframe_path(name: str) -> str:
+    return f"params/{name}/keyframes"
+
+
+def buffer_path(name: str) -> str:
+    return f"buffers/{name}"
+
+
+def optim_path(name: str, key: str) -> str:
+    return f"optim/{name}/{key}"
+
+
+def hparam_path(key: str) -> str:
+    return f"steps/hparams/{key}"
+
+
+def chunk_steps_for(step_bytes: int, steps_per_block: int, chunk_bytes: int) -> int:
+    """Steps per chunk: the largest divisor of the block whose chunk stays under chunk_bytes.
+
+    Blocks are whole shards, so a chunk must divide the block; small tensors get one chunk
+    per block (no sharding), large ones several chunks inside one shard file.
+    """
+    best = 1
+    for d in range(1, steps_per_block + 1):
+        if steps_per_block % d == 0 and d * max(step_bytes, 1) <= chunk_bytes:
+            best = d
+    return best
+
+
+def read_meta(group: zarr.Group, path: str) -> RunMeta:
+    """Parse and validate the root attributes of a store."""
+    attrs = group.attrs.asdict()
+    raw = attrs.get(ATTR_KEY)
+    if not isinstance(raw, dict) or raw.get("format") != "historystore":
+        raise NotAStoreError(f"{path} is a zarr group but not a historystore (no '{ATTR_KEY}' attrs)")
+    version = raw.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path} has schema version {version}; this historystore {__version__} reads up to "
+            f"{SCHEMA_VERSION}: upgrade historystore to read it"
+        )
+    try:
+        return RunMeta.from_json(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise NotAStoreError(f"{path}: malformed historystore metadata ({e!r})") from e
+
+
+def open_group(path: str, mode: str = "r") -> zarr.Group:
+    """Open a zarr v3 group, turning 'nothing there' into NotAStoreError."""
+    try:
+        group = zarr.open_group(path, mode=mode, zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, TypeError) as e:
+        raise NotAStoreError(f"{path} is not a historystore (cannot open a zarr v3 group: {e})") from e
+    return group

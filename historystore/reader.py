@@ -1,0 +1,420 @@
+"""Read side: ``open_store`` and ``HistoryStore`` (random access and a prefetching scan).
+
+Readers trust only the committed counts in ``/commit``: anything a killed writer left beyond
+them is invisible. θ_t is rebuilt from the nearest keyframe ≤ t by replaying the stored deltas
+and the sparse exact-replay corrections, so lossless stores replay bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from . import layout, tensors
+from .encodings import Encoding, get_encoding
+from .errors import CorruptStoreError, ModelMismatchError, NotAStoreError
+from .layout import RunMeta, TensorInfo
+from .writer import Commit, read_commit
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The recorded batch of one step."""
+
+    step: int
+    ids: np.ndarray
+    labels: np.ndarray
+    ghost_ids: np.ndarray
+    loss: float
+    lr: float
+    hparams: dict[str, float]
+
+
+@dataclass
+class StepBlock:
+    """A block of consecutive steps [start, stop) as the scan yields it.
+
+    ``deltas[name]`` is ``[steps, *shape]`` on the scan's device; ``ids``/``labels`` are the
+    concatenated example ids with ``offsets`` (``ids[offsets[i]:offsets[i+1]]`` is step
+    start+i); ``lr[name]`` the learning rate of each step for that tensor's param group.
+    """
+
+    start: int
+    stop: int
+    deltas: dict[str, torch.Tensor]
+    ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    lr: dict[str, np.ndarray]
+    loss: np.ndarray
+    raw: dict[str, dict[str, np.ndarray]] | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return self.stop - self.start
+
+    def step_ids(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+
+class HistoryStore:
+    """A recorded training history (read-only)."""
+
+    def __init__(self, path: str, group: zarr.Group, meta: RunMeta, commit: Commit) -> None:
+        self.path = path
+        self.group = group
+        self.meta = meta
+        self.commit = commit
+        self.num_steps = commit.num_steps
+        self.tensor_names = [t.name for t in meta.tensors]
+        self._index = {t.name: i for i, t in enumerate(meta.tensors)}
+        self.encodings: dict[str, Encoding] = {
+            t.name: get_encoding(t.encoding, **t.encoding_params) for t in meta.tensors
+        }
+        T = self.num_steps
+        self._scalars = {k: self._read(f"steps/{k}", 0, T) for k in layout.STEP_SCALARS}
+        self.keyframe_steps = self._read("keyframe_steps", 0, commit.num_keyframes)
+        self._batch_off = _offsets(self._scalars["batch_size"])
+        self._ghost_off = _offsets(self._scalars["ghost_size"])
+        self._fix_off = _offsets(self._scalars["num_fixes"])
+        self._check_counts()
+        self._hparams = {k: self._read(layout.hparam_path(k), 0, T) for k in meta.hparam_keys}
+        self._group_of = {n: i for i, names in enumerate(meta.optimizer["groups"]) for n in names}
+
+    # -- low level ---------------------------------------------------------------------------
+    def _array(self, path: str) -> zarr.Array:
+        try:
+            arr = self.group[path]
+        except KeyError:
+            raise CorruptStoreError(f"{self.path}: array {path!r} is missing") from None
+        if not isinstance(arr, zarr.Array):
+            raise CorruptStoreError(f"{self.path}: {path!r} is not an array")
+        return arr
+
+    def _read(self, path: str, start: int, stop: int) -> np.ndarray:
+        arr = self._array(path)
+        if arr.shape[0] < stop:
+            raise CorruptStoreError(
+                f"{self.path}: array {path!r} holds {arr.shape[0]} rows but {stop} are committed"
+            )
+        try:
+            return arr[start:stop]
+        except (ValueError, RuntimeError, OSError) as e:
+            raise CorruptStoreError(f"{self.path}: reading {path!r} rows {start}:{stop} failed "
+                                    f"({e})") from e
+
+    def _check_counts(self) -> None:
+        c = self.commit
+        for name, total in (("batch_size", c.num_ids), ("ghost_size", c.num_ghost_ids),
+                            ("num_fixes", c.num_fixes)):
+            if int(self._scalars[name].sum()) != total:
+                raise CorruptStoreError(
+                    f"{self.path}: /steps/{name} sums to {int(self._scalars[name].sum())} but "
+                    f"the commit says {total}"
+                )
+        kf = self.keyframe_steps
+        if len(kf) == 0 or kf[0] != 0 or np.any(np.diff(kf) <= 0) or kf[-1] > self.num_steps:
+            raise CorruptStoreError(f"{self.path}: keyframe steps {kf.tolist()} are inconsistent")
+
+    def _check_step(self, t: int, upto: int) -> int:
+        t = int(t)
+        if not 0 <= t <= upto:
+            raise IndexError(f"step {t} is out of range [0, {upto}] of {self.path}")
+        return t
+
+    def _names(self, names: Sequence[str] | None) -> list[str]:
+        if names is None:
+            return list(self.tensor_names)
+        for n in names:
+            if n not in self._index:
+                raise KeyError(f"no recorded tensor {n!r}; recorded: {self.tensor_names}")
+        return list(names)
+
+    # -- properties --------------------------------------------------------------------------
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        return list(self.meta.tensors)
+
+    @property
+    def steps_per_block(self) -> int:
+        return int(self.meta.recorder["steps_per_block"])
+
+    @property
+    def loss(self) -> np.ndarray:
+        return self._scalars["loss"]
+
+    def scalars(self, name: str) -> np.ndarray:
+        """A per-step scalar array (loss, timestamp, duration, batch_size, ...)."""
+        return self._scalars[name]
+
+    def lr(self, name: str | None = None) -> np.ndarray:
+        """Learning rate per step for tensor ``name``'s param group (group 0 by default)."""
+        g = self._group_of[name] if name is not None else 0
+        return self._hparams.get(f"g{g}.lr", np.full(self.num_steps, np.nan))
+
+    # -- random access -----------------------------------------------------------------------
+    def _encoded(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        t = self.meta.tensor(name)
+        enc = self.encodings[name]
+        return {a: self._read(layout.param_path(name, a), start, stop)
+                for a in enc.arrays(t.shape, t.dtype)}
+
+    def _dense(self, name: str, start: int, stop: int) -> torch.Tensor:
+        t = self.meta.tensor(name)
+        enc = self.encodings[name]
+        enc.require("dense")
+        arr = enc.decode(self._encoded(name, start, stop), t.shape, t.dtype)
+        return tensors.from_numpy(arr, t.dtype)
+
+    def delta(self, t: int, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Δ_t = θ_{t+1} − θ_t as stored (dense), keyed like ``model.named_parameters()``."""
+        t = self._check_step(t, self.num_steps - 1)
+        return {n: self._dense(n, t, t + 1)[0] for n in self._names(names)}
+
+    def keyframe(self, k: int, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """θ at keyframe row ``k`` (step ``keyframe_steps[k]``)."""
+        out = {}
+        for n in self._names(names):
+            t = self.meta.tensor(n)
+            out[n] = tensors.from_numpy(self._read(layout.keyframe_path(n), k, k + 1)[0], t.dtype)
+        return out
+
+    def buffers_at(self, t: int) -> dict[str, torch.Tensor]:
+        """Module buffers (e.g. BatchNorm statistics) at the last keyframe ≤ t."""
+        k = int(np.searchsorted(self.keyframe_steps, t, side="right") - 1)
+        return {b.name: tensors.from_numpy(self._read(layout.buffer_path(b.name), k, k + 1)[0],
+                                           b.dtype) for b in self.meta.buffers}
+
+    def fixes(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Exact-replay corrections of steps [start, stop): (offsets, tensor, index, bits)."""
+        a, b = int(self._fix_off[start]), int(self._fix_off[stop])
+        off = self._fix_off[start:stop + 1] - a
+        return (off, self._read("fixes/tensor", a, b), self._read("fixes/index", a, b),
+                self._read("fixes/bits", a, b))
+
+    def params_at(self, t: int, names: Sequence[str] | None = None,
+                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """θ_t (``params_at(0)`` initial, ``params_at(num_steps)`` final weights)."""
+        t = self._check_step(t, self.num_steps)
+        names = self._names(names)
+        k = int(np.searchsorted(self.keyframe_steps, t, side="right") - 1)
+        theta = {n: v.to(device) for n, v in self.keyframe(k, names).items()}
+        self.replay(theta, int(self.keyframe_steps[k]), t)
+        return theta
+
+    def replay(self, theta: dict[str, torch.Tensor], start: int, stop: int) -> None:
+        """Advance ``theta`` (θ_start, modified in place) to θ_stop, exactly for lossless tensors."""
+        if stop <= start:
+            return
+        spb = self.steps_per_block
+        for b0 in range(start, stop, spb):
+            b1 = min(stop, (b0 // spb + 1) * spb)
+            off, ften, fidx, fbits = self.fixes(b0, b1)
+            deltas = {n: self._dense(n, b0, b1).to(theta[n].device) for n in theta}
+            for i in range(b1 - b0):
+                for n, th in theta.items():
+                    th.add_(deltas[n][i])
+                lo, hi = int(off[i]), int(off[i + 1])
+                if hi > lo:
+                    _apply_fixes(theta, self.tensor_names, ften[lo:hi], fidx[lo:hi], fbits[lo:hi])
+
+    def optimizer_state(self, t: int) -> dict[str, dict[str, torch.Tensor]]:
+        """The optimizer's per-parameter state after step t (0 ≤ t < num_steps)."""
+        t = self._check_step(t, self.num_steps - 1)
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, specs in self.meta.optim_state.items():
+            out[name] = {s.name: tensors.from_numpy(
+                self._read(layout.optim_path(name, s.name), t, t + 1)[0], s.dtype)
+                for s in specs}
+        return out
+
+    def batch(self, t: int) -> Batch:
+        t = self._check_step(t, self.num_steps - 1)
+        a, b = int(self._batch_off[t]), int(self._batch_off[t + 1])
+        ga, gb = int(self._ghost_off[t]), int(self._ghost_off[t + 1])
+        hp = {k: float(v[t]) for k, v in self._hparams.items()}
+        return Batch(
+            step=t,
+            ids=self._read("batch/ids", a, b),
+            labels=self._read("batch/labels", a, b),
+            ghost_ids=self._read("batch/ghost_ids", ga, gb),
+            loss=float(self._scalars["loss"][t]),
+            lr=hp.get("g0.lr", float("nan")),
+            hparams=hp,
+        )
+
+    def batches(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                        np.ndarray]:
+        """(ids, labels, offsets) of steps [start, stop), concatenated."""
+        stop = self.num_steps if stop is None else stop
+        a, b = int(self._batch_off[start]), int(self._batch_off[stop])
+        return (self._read("batch/ids", a, b), self._read("batch/labels", a, b),
+                self._batch_off[start:stop + 1] - a)
+
+    # -- streaming ---------------------------------------------------------------------------
+    def block_ranges(self, start: int = 0, stop: int | None = None,
+                     block_steps: int | None = None) -> list[tuple[int, int]]:
+        """Step ranges aligned to the store's blocks (whole shards are read once)."""
+        stop = self.num_steps if stop is None else stop
+        bs = block_steps or self.steps_per_block
+        out, t = [], start
+        while t < stop:
+            end = min(stop, (t // bs + 1) * bs)
+            out.append((t, end))
+            t = end
+        return out
+
+    def read_block(self, start: int, stop: int, names: Sequence[str] | None = None,
+                   device: str | torch.device | None = "cpu", dense: bool = True,
+                   raw: bool = False) -> StepBlock:
+        """Read and decode steps [start, stop) of the chosen tensors."""
+        names = self._names(names)
+        dev = tensors.auto_device(device)
+        ids, labels, offsets = self.batches(start, stop)
+        deltas: dict[str, torch.Tensor] = {}
+        raws: dict[str, dict[str, np.ndarray]] = {}
+        for n in names:
+            if raw or not dense:
+                raws[n] = self._encoded(n, start, stop)
+            if dense:
+                t = self.meta.tensor(n)
+                enc = self.encodings[n]
+                enc.require("dense")
+                arrs = raws[n] if n in raws else self._encoded(n, start, stop)
+                x = tensors.from_numpy(enc.decode(arrs, t.shape, t.dtype), t.dtype)
+                if dev.type == "cuda":
+                    x = x.pin_memory().to(dev, non_blocking=True)
+                deltas[n] = x
+        lr = {n: self.lr(n)[start:stop] for n in names}
+        return StepBlock(start, stop, deltas, ids, labels, offsets, lr,
+                         self._scalars["loss"][start:stop], raws if raws else None)
+
+    def scan(self, start: int = 0, stop: int | None = None, names: Sequence[str] | None = None,
+             *, block_steps: int | None = None, device: str | torch.device | None = "cpu",
+             prefetch: int = 2, dense: bool = True, raw: bool = False) -> Iterator[StepBlock]:
+        """Yield blocks of steps in order, reading the next ``prefetch`` blocks in background
+        threads while the caller computes on the current one."""
+        ranges = self.block_ranges(start, stop, block_steps)
+        if prefetch < 1:
+            for a, b in ranges:
+                yield self.read_block(a, b, names, device, dense, raw)
+            return
+        with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="historystore-scan") as ex:
+            pending: list[Future[StepBlock]] = []
+            it = iter(ranges)
+            for a, b in it:
+                pending.append(ex.submit(self.read_block, a, b, names, device, dense, raw))
+                if len(pending) > prefetch:
+                    break
+            while pending:
+                fut = pending.pop(0)
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(ex.submit(self.read_block, nxt[0], nxt[1], names, device,
+                                             dense, raw))
+                yield fut.result()
+
+    # -- models ------------------------------------------------------------------------------
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise ModelMismatchError unless the model has the recorded tensors."""
+        params = dict(model.named_parameters())
+        for t in self.meta.tensors:
+            p = params.get(t.name)
+            if p is None:
+                raise ModelMismatchError(f"the model has no parameter {t.name!r} recorded in "
+                                         f"{self.path}")
+            if tuple(p.shape) != t.shape or tensors.dtype_name(p.dtype) != t.dtype:
+                raise ModelMismatchError(
+                    f"parameter {t.name!r}: store has {t.shape} {t.dtype}, model has "
+                    f"{tuple(p.shape)} {tensors.dtype_name(p.dtype)}"
+                )
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                step: int | None = None) -> None:
+        """Load θ_step (default: the last step) and buffers into ``model``; with an optimizer,
+        also its recorded state and hyperparameters after step-1 (to resume training)."""
+        step = self.num_steps if step is None else self._check_step(step, self.num_steps)
+        self.check_model(model)
+        theta = self.params_at(step)
+        params = dict(model.named_parameters())
+        bufs = dict(model.named_buffers())
+        with torch.no_grad():
+            for n, v in theta.items():
+                params[n].copy_(v)
+            if step in set(self.keyframe_steps.tolist()):
+                for n, v in self.buffers_at(step).items():
+                    if n in bufs:
+                        bufs[n].copy_(v)
+        if optimizer is not None and step > 0:
+            self._restore_optimizer(optimizer, params, step - 1)
+
+    def _restore_optimizer(self, optimizer: torch.optim.Optimizer,
+                           params: dict[str, torch.nn.Parameter], t: int) -> None:
+        state = self.optimizer_state(t) if self.meta.optim_state else {}
+        for name, st in state.items():
+            p = params[name]
+            dst = optimizer.state[p]
+            for k, v in st.items():
+                dst[k] = v.to(p.device).clone() if v.dim() or k != "step" else v.clone()
+        hp = {k: float(v[t]) for k, v in self._hparams.items()}
+        for i, g in enumerate(optimizer.param_groups):
+            for key, value in list(g.items()):
+                if key == "params":
+                    continue
+                if f"g{i}.{key}" in hp:
+                    g[key] = type(value)(hp[f"g{i}.{key}"]) if isinstance(value, (int, float)) \
+                        else hp[f"g{i}.{key}"]
+                elif isinstance(value, tuple) and f"g{i}.{key}.0" in hp:
+                    g[key] = tuple(hp[f"g{i}.{key}.{j}"] for j in range(len(value)))
+
+    def nonfinite(self) -> np.ndarray:
+        """[steps, tensors] NaN/inf counts of the deltas."""
+        return self._read("steps/nonfinite", 0, self.num_steps)
+
+    def __repr__(self) -> str:
+        return (f"HistoryStore({self.path!r}, steps={self.num_steps}, "
+                f"tensors={len(self.meta.tensors)}, keyframes={self.keyframe_steps.tolist()})")
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def _apply_fixes(theta: dict[str, torch.Tensor], names: list[str], ften: np.ndarray,
+                 fidx: np.ndarray, fbits: np.ndarray) -> None:
+    for ti in np.unique(ften):
+        name = names[int(ti)]
+        th = theta.get(name)
+        if th is None:
+            continue
+        sel = ften == ti
+        it = tensors.int_view_dtype(th.dtype)
+        np_it = {torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}[it]
+        bits = torch.from_numpy(fbits[sel].astype(np_it)).to(th.device)
+        idx = torch.from_numpy(fidx[sel]).to(th.device)
+        th.view(-1).view(it)[idx] = bits
+
+
+def open_store(path: str | os.PathLike[str]) -> HistoryStore:
+    """Open a historystore for reading (raises NotAStoreError / SchemaVersionError)."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise NotAStoreError(f"{path} does not exist")
+    group = layout.open_group(path, mode="r")
+    meta = layout.read_meta(group, path)
+    try:
+        commit = read_commit(group)
+    except KeyError:
+        raise CorruptStoreError(f"{path}: the commit marker /commit is missing") from None
+    return HistoryStore(path, group, meta, commit)
+
+

@@ -1,0 +1,503 @@
+"""Write side: ``Recorder`` snapshots every optimizer step into blocks for the writer.
+
+Exact replay: Δ_t is taken against the recorder's copy of θ_t, and wherever
+``fl(θ_t + Δ_t)`` misses θ_{t+1} bit for bit (about 1 element in 2,000 in float32, when the
+subtraction rounds), the exact bits of θ_{t+1} are stored as a sparse correction. The reader
+replays ``θ_{t+1} = fix(θ_t + Δ_t)``, which equals the trained weights bit for bit at every t.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from . import layout, tensors
+from .config import RecorderConfig
+from .errors import ModelMismatchError, NotAStoreError, RecorderError
+from .layout import ArrayInfo, RunMeta, TensorInfo
+from .writer import Block, BlockWriter, Commit, Keyframe, create_layout, read_commit
+
+IdsLike = torch.Tensor | np.ndarray | Sequence[int]
+
+
+def _as_ids(x: IdsLike | None, what: str) -> np.ndarray:
+    if x is None:
+        return np.zeros(0, dtype=np.int64)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise ValueError(f"{what} must be a 1-D sequence of integers, got shape {a.shape} "
+                         f"dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+def _numeric_hparams(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Numeric per-group hyperparameters, flattened to ``g<i>.<key>[.<j>]``."""
+    out: dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        for key, value in group.items():
+            if key == "params" or isinstance(value, bool):
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, (int, float)):
+                out[f"g{i}.{key}"] = float(value)
+            elif isinstance(value, (tuple, list)) and value and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            ):
+                for j, v in enumerate(value):
+                    out[f"g{i}.{key}.{j}"] = float(v)
+    return out
+
+
+def _static_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    out = []
+    for group in optimizer.param_groups:
+        out.append({k: v for k, v in group.items()
+                    if k != "params" and (isinstance(v, (bool, str)) or v is None)})
+    return out
+
+
+class _BufferPool:
+    """Recycled host buffers for blocks: memory stays bounded, no allocation per step."""
+
+    def __init__(self, make: Any, size: int) -> None:
+        self._make = make
+        self._free: list[Any] = []
+        self._size = size
+
+    def get(self) -> Any:
+        return self._free.pop() if self._free else self._make()
+
+    def put(self, item: Any) -> None:
+        if len(self._free) < self._size:
+            self._free.append(item)
+
+
+class Recorder:
+    """Records a training run into a historystore.
+
+    Usage (three added lines)::
+
+        with historystore.Recorder("run.zarr", model, optimizer) as rec:
+            for ids, x, y in loader:
+                ...; loss.backward(); optimizer.step()
+                rec.step(ids, labels=y, loss=loss)
+
+    ``rec.step`` must follow every ``optimizer.step()`` exactly once. ``resume=True`` appends
+    to an existing store; restore the model and optimizer first with
+    ``open_store(path).restore(model, optimizer)``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: RecorderConfig | None = None,
+        *,
+        run_config: dict[str, Any] | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = str(path)
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config or RecorderConfig()
+        self.run_config = dict(run_config or {})
+        self.resume = resume
+        self.overwrite = overwrite
+        self._writer: BlockWriter | None = None
+        self._hook: Any = None
+        self._opt_steps = 0
+        self._entered = False
+
+    # -- setup -------------------------------------------------------------------------------
+    def _named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        named = [(n, p) for n, p in self.model.named_parameters() if id(p) in in_opt]
+        known = {id(p) for _, p in named}
+        stray = [p for p in in_opt if p not in known]
+        if stray:
+            raise ModelMismatchError(
+                f"the optimizer holds {len(stray)} tensors that are not parameters of the model"
+            )
+        if not named:
+            raise ModelMismatchError("the optimizer holds none of the model's parameters")
+        for n, p in named:
+            if not p.is_floating_point():
+                raise ModelMismatchError(f"parameter {n!r} has non-float dtype {p.dtype}")
+        return named
+
+    def __enter__(self) -> Recorder:
+        if self._entered:
+            raise RecorderError("a Recorder can be entered only once")
+        self._entered = True
+        self._params = self._named_trainable()
+        self._buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()
+                         or n.endswith("num_batches_tracked")]
+        self.device = self._params[0][1].device
+        self._cuda = self.device.type == "cuda"
+        if self.resume:
+            self._open_existing()
+        else:
+            self._create_new()
+        self._group_of = self._param_groups()
+        self._prev = [p.detach().clone() for _, p in self._params]
+        self._scratch = [torch.empty_like(p) for _, p in self._params]
+        self._int_dtypes = [tensors.int_view_dtype(p.dtype) for _, p in self._params]
+        self._writer = BlockWriter(self._group, self.meta, self._commit,
+                                   self.meta.recorder["max_pending_blocks"])
+        self._pool = _BufferPool(self._alloc_block, self.meta.recorder["max_pending_blocks"] + 1)
+        self._hook = self.optimizer.register_step_post_hook(self._on_optimizer_step)
+        self._last_time = time.time()
+        self._start_block(self._commit.num_steps)
+        if not self.resume:  # θ_0 as the first keyframe, committed before training starts
+            self._block.keyframes.append(self._keyframe(0))
+            self._flush(force=True)
+        return self
+
+    def _create_new(self) -> None:
+        p = Path(self.path)
+        if p.exists() and any(p.iterdir()) if p.is_dir() else p.exists():
+            if not self.overwrite:
+                raise RecorderError(
+                    f"{self.path} already exists; pass resume=True to append to it or "
+                    "overwrite=True to replace it"
+                )
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        cfg = self.config
+        step_bytes = sum(p.numel() * p.element_size() for _, p in self._params)
+        if cfg.optimizer_state == "every_step":
+            step_bytes *= 3  # a typical optimizer keeps about two state tensors per parameter
+        spb = cfg.resolve_steps_per_block(step_bytes)
+        infos = []
+        for n, p in self._params:
+            nbytes = p.numel() * p.element_size()
+            infos.append(TensorInfo(
+                name=n, shape=tuple(p.shape), dtype=tensors.dtype_name(p.dtype),
+                encoding="full", encoding_reason="default (lossless)", codec=cfg.codec,
+                chunk_steps=layout.chunk_steps_for(nbytes, spb, cfg.chunk_bytes),
+            ))
+        self.meta = RunMeta(
+            tensors=infos,
+            buffers=[ArrayInfo(n, tuple(b.shape), tensors.dtype_name(b.dtype))
+                     for n, b in self._buffers],
+            optimizer={
+                "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__qualname__}",
+                "groups": [[n for n, p in self._params if any(p is q for q in g["params"])]
+                           for g in self.optimizer.param_groups],
+                "static": _static_hparams(self.optimizer),
+            },
+            optim_state={},
+            hparam_keys=sorted(_numeric_hparams(self.optimizer)),
+            config=self.run_config,
+            recorder={**cfg.to_json(), "steps_per_block": spb},
+        )
+        self._group = zarr.open_group(self.path, mode="w", zarr_format=3)
+        self._group.attrs.update({layout.ATTR_KEY: self.meta.to_json()})
+        create_layout(self._group, self.meta, spb)
+        self._commit = Commit()
+
+    def _open_existing(self) -> None:
+        from .reader import open_store
+
+        store = open_store(self.path)
+        self.meta = store.meta
+        recorded = [(t.name, t.shape, t.dtype) for t in self.meta.tensors]
+        current = [(n, tuple(p.shape), tensors.dtype_name(p.dtype)) for n, p in self._params]
+        if recorded != current:
+            raise ModelMismatchError(
+                f"the model does not match the store {self.path}: "
+                f"{_first_difference(recorded, current)}"
+            )
+        cls = f"{type(self.optimizer).__module__}.{type(self.optimizer).__qualname__}"
+        if cls != self.meta.optimizer["class"]:
+            raise ModelMismatchError(
+                f"the store was recorded with {self.meta.optimizer['class']}, not {cls}"
+            )
+        if sorted(_numeric_hparams(self.optimizer)) != self.meta.hparam_keys:
+            raise ModelMismatchError("the optimizer's param groups differ from the recorded ones")
+        t = store.num_steps
+        last = store.params_at(t)
+        for n, p in self._params:
+            if not torch.equal(p.detach().cpu().view(tensors.int_view_dtype(p.dtype)),
+                               last[n].view(tensors.int_view_dtype(p.dtype))):
+                raise ModelMismatchError(
+                    f"parameter {n!r} differs from the store's θ_{t}: restore the model first "
+                    "with open_store(path).restore(model, optimizer)"
+                )
+        self._group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        self._commit = store.commit
+
+    def _param_groups(self) -> list[int]:
+        return [next(i for i, g in enumerate(self.optimizer.param_groups)
+                     if any(p is q for q in g["params"])) for _, p in self._params]
+
+    # -- blocks ------------------------------------------------------------------------------
+    @property
+    def steps_per_block(self) -> int:
+        return int(self.meta.recorder["steps_per_block"])
+
+    @property
+    def num_steps(self) -> int:
+        """Steps recorded so far (committed or buffered)."""
+        return self._t
+
+    def _alloc_block(self) -> dict[str, Any]:
+        spb = self.steps_per_block
+        pin = self._cuda
+
+        def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty((spb, *shape), dtype=dtype, pin_memory=pin)
+
+        return {
+            "deltas": [empty(tuple(p.shape), p.dtype) for _, p in self._params],
+            "states": {},
+        }
+
+    def _start_block(self, t0: int) -> None:
+        self._t = t0
+        self._block = Block(t0=t0, n=0)
+        self._bufs = self._pool.get()
+        self._slot = 0
+        self._ids: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._ghosts: list[np.ndarray] = []
+        self._losses: list[Any] = []
+        self._scalar_rows: dict[str, list[float]] = {
+            "timestamp": [], "duration": [], "batch_size": [], "ghost_size": [], "num_fixes": []}
+        self._hparam_rows: dict[str, list[float]] = {k: [] for k in self.meta.hparam_keys}
+        self._fix_t: list[np.ndarray] = []
+        self._fix_i: list[np.ndarray] = []
+        self._fix_b: list[np.ndarray] = []
+        self._block_end = (t0 // self.steps_per_block + 1) * self.steps_per_block
+
+    def _keyframe(self, step: int) -> Keyframe:
+        return Keyframe(
+            step=step,
+            params={n: tensors.to_numpy(p) for n, p in self._params},
+            buffers={n: tensors.to_numpy(b) for n, b in self._buffers},
+        )
+
+    def _flush(self, force: bool = False) -> None:
+        b = self._block
+        n = self._slot
+        if n == 0 and not b.keyframes and not force:
+            return
+        if self._cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        bufs = self._bufs
+        b.n = n
+        b.deltas = {name: tensors.to_numpy_view(bufs["deltas"][i][:n])
+                    for i, (name, _) in enumerate(self._params)}
+        b.states = {name: {k: tensors.to_numpy_view(v[:n]) for k, v in st.items()}
+                    for name, st in bufs["states"].items()}
+        b.hparams = {k: np.asarray(v, dtype=np.float64) for k, v in self._hparam_rows.items()}
+        losses = [float("nan") if x is None else float(x) for x in self._losses]
+        b.scalars = {"loss": np.asarray(losses, dtype=np.float64)}
+        for k, v in self._scalar_rows.items():
+            b.scalars[k] = np.asarray(v, dtype=layout.STEP_SCALARS[k][0])
+        b.ids = _cat(self._ids)
+        b.labels = _cat(self._labels)
+        b.ghost_ids = _cat(self._ghosts)
+        b.fix_tensor = _cat(self._fix_t, np.int32)
+        b.fix_index = _cat(self._fix_i)
+        b.fix_bits = _cat(self._fix_b, np.uint64)
+        b.release = lambda bufs=bufs: self._pool.put(bufs)
+        assert self._writer is not None
+        self._writer.submit(b)
+        self._start_block(b.t0 + n)
+
+    # -- hot path ----------------------------------------------------------------------------
+    def _on_optimizer_step(self, *_: Any) -> None:
+        self._opt_steps += 1
+
+    def step(
+        self,
+        example_ids: IdsLike,
+        labels: IdsLike | None = None,
+        loss: float | torch.Tensor | None = None,
+        ghost_ids: IdsLike | None = None,
+    ) -> None:
+        """Record the optimizer step that just ran: Δ_t, optimizer state, batch and loss.
+
+        ``example_ids`` are dataset indices of the batch (stored instead of inputs);
+        ``labels`` their labels; ``ghost_ids`` examples used only for batch-norm statistics.
+        """
+        if self._writer is None:
+            raise RecorderError("use the Recorder as a context manager: `with Recorder(...) as rec:`")
+        self._writer.raise_if_failed()
+        if self._opt_steps != 1:
+            n, self._opt_steps = self._opt_steps, 0
+            if n == 0:
+                raise RecorderError(
+                    "rec.step() was called but optimizer.step() has not run since the last "
+                    "recorded step (call rec.step() right after optimizer.step(); skip it when a "
+                    "step was skipped, e.g. by a GradScaler)"
+                )
+            raise RecorderError(
+                f"optimizer.step() ran {n} times since the last rec.step(); record every step"
+            )
+        self._opt_steps = 0
+        ids = _as_ids(example_ids, "example_ids")
+        lab = _as_ids(labels, "labels") if labels is not None else np.full(len(ids), -1, np.int64)
+        if len(lab) != len(ids):
+            raise ValueError(f"got {len(lab)} labels for {len(ids)} example ids")
+        ghosts = _as_ids(ghost_ids, "ghost_ids")
+
+        slot = self._slot
+        bufs = self._bufs
+        nfix = 0
+        with torch.no_grad():
+            for i, (_, p) in enumerate(self._params):
+                cur = p.detach()
+                prev = self._prev[i]
+                row = bufs["deltas"][i][slot]
+                if self._cuda:
+                    delta = torch.sub(cur, prev)
+                    row.copy_(delta, non_blocking=True)
+                else:
+                    delta = torch.sub(cur, prev, out=row)
+                recon = torch.add(prev, delta, out=self._scratch[i])
+                it = self._int_dtypes[i]
+                bad = recon.view(it).ne(cur.view(it)).view(-1)
+                if bad.any():
+                    idx = bad.nonzero().view(-1)
+                    bits = cur.reshape(-1)[idx].view(it).cpu().numpy()
+                    self._fix_t.append(np.full(len(idx), i, dtype=np.int32))
+                    self._fix_i.append(idx.cpu().numpy().astype(np.int64))
+                    self._fix_b.append(bits.astype(np.uint64) & _mask(bits.dtype))
+                    nfix += len(idx)
+                prev.copy_(cur)
+            if self.meta.recorder["optimizer_state"] == "every_step":
+                self._capture_state(slot)
+        now = time.time()
+        self._scalar_rows["timestamp"].append(now)
+        self._scalar_rows["duration"].append(now - self._last_time)
+        self._scalar_rows["batch_size"].append(len(ids))
+        self._scalar_rows["ghost_size"].append(len(ghosts))
+        self._scalar_rows["num_fixes"].append(nfix)
+        self._last_time = now
+        hp = _numeric_hparams(self.optimizer)
+        if sorted(hp) != self.meta.hparam_keys:
+            raise RecorderError("the optimizer's param groups changed during recording")
+        for k in self.meta.hparam_keys:
+            self._hparam_rows[k].append(hp[k])
+        self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        self._ids.append(ids)
+        self._labels.append(lab)
+        self._ghosts.append(ghosts)
+        self._slot += 1
+        self._t += 1
+        if self._t % self.config_keyframe_every == 0:
+            self._block.keyframes.append(self._keyframe(self._t))
+        if self._t == self._block_end:
+            self._flush()
+
+    @property
+    def config_keyframe_every(self) -> int:
+        return int(self.meta.recorder["keyframe_every"])
+
+    def _capture_state(self, slot: int) -> None:
+        bufs = self._bufs
+        first = not self.meta.optim_state
+        for name, p in self._params:
+            state = self.optimizer.state.get(p, {})
+            if first:
+                self.meta.optim_state[name] = [
+                    ArrayInfo(str(k).replace("/", "_"), tuple(v.shape) if isinstance(v, torch.Tensor)
+                              else (), tensors.dtype_name(v.dtype) if isinstance(v, torch.Tensor)
+                              else "float64")
+                    for k, v in state.items()
+                    if isinstance(v, torch.Tensor) or isinstance(v, (int, float))
+                ]
+            specs = self.meta.optim_state.get(name, [])
+            if len(specs) != sum(isinstance(v, (torch.Tensor, int, float)) for v in state.values()):
+                raise RecorderError(
+                    f"the optimizer state of {name!r} changed its keys during recording "
+                    f"({sorted(map(str, state))} vs {[s.name for s in specs]})"
+                )
+            st = bufs["states"].setdefault(name, {})
+            for spec, (_, v) in zip(specs, ((k, v) for k, v in state.items()
+                                            if isinstance(v, (torch.Tensor, int, float))),
+                                    strict=True):
+                buf = st.get(spec.name)
+                if buf is None:
+                    dt = tensors.torch_dtype(spec.dtype)
+                    buf = st[spec.name] = torch.empty((self.steps_per_block, *spec.shape),
+                                                      dtype=dt, pin_memory=self._cuda)
+                if isinstance(v, torch.Tensor):
+                    buf[slot].copy_(v.detach(), non_blocking=self._cuda)
+                else:
+                    buf[slot] = float(v)
+
+    # -- teardown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Flush buffered steps, write the final keyframe, and wait for the writer."""
+        if self._writer is None:
+            return
+        try:
+            if self._t % self.config_keyframe_every != 0 and (
+                not self._block.keyframes or self._block.keyframes[-1].step != self._t
+            ) and self._t > 0:
+                self._block.keyframes.append(self._keyframe(self._t))
+            self._flush()
+        finally:
+            writer, self._writer = self._writer, None
+            if self._hook is not None:
+                self._hook.remove()
+            writer.close()
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None and self._writer is not None:
+            # keep what was recorded (it is valid), but never mask the training error
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001
+                pass
+            return
+        self.close()
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Writer statistics (raw bytes written, seconds the writer was busy)."""
+        w = self._writer
+        return {"bytes_raw": float(w.bytes_raw) if w else math.nan,
+                "writer_seconds": w.seconds_busy if w else math.nan}
+
+
+def _mask(dtype: np.dtype) -> np.uint64:
+    return np.uint64((1 << (8 * np.dtype(dtype).itemsize)) - 1)
+
+
+def _cat(parts: list[np.ndarray], dtype: Any = np.int64) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+
+
+def _first_difference(a: list[Any], b: list[Any]) -> str:
+    names_a = {x[0]: x for x in a}
+    names_b = {x[0]: x for x in b}
+    for name in names_a:
+        if name not in names_b:
+            return f"parameter {name!r} is recorded but not in the model"
+    for name in names_b:
+        if name not in names_a:
+            return f"parameter {name!r} is in the model but not recorded"
+    for name, x in names_a.items():
+        if x != names_b[name]:
+            return f"parameter {name!r}: store has shape/dtype {x[1:]}, model {names_b[name][1:]}"
+    return "parameter order differs"
+
+
+__all__ = ["Recorder", "RecorderConfig", "NotAStoreError"]

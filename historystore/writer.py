@@ -1,0 +1,289 @@
+"""Background writer: compresses and writes blocks of steps, then commits them.
+
+Why a thread and a bounded queue: compression (Blosc/zstd) releases the GIL, so writing
+overlaps training; the bounded queue turns a slow disk into backpressure instead of unbounded
+memory. Why the commit marker last: zarr's LocalStore replaces each chunk/shard file
+atomically, but a block touches many files; readers trust only ``/commit``, which is rewritten
+after all of a block's data, so a SIGKILL leaves every committed step intact and nothing
+half-written visible. One writer per store (shards are never written concurrently).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import codecs, layout
+from .encodings import get_encoding
+from .errors import RecorderError
+from .layout import RunMeta
+
+
+@dataclass
+class Keyframe:
+    step: int
+    params: dict[str, np.ndarray]
+    buffers: dict[str, np.ndarray]
+
+
+@dataclass
+class Block:
+    """Host-side data of ``n`` consecutive steps starting at ``t0`` (plus keyframes)."""
+
+    t0: int
+    n: int
+    deltas: dict[str, np.ndarray] = field(default_factory=dict)
+    states: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    scalars: dict[str, np.ndarray] = field(default_factory=dict)
+    hparams: dict[str, np.ndarray] = field(default_factory=dict)
+    ids: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    ghost_ids: np.ndarray | None = None
+    fix_tensor: np.ndarray | None = None
+    fix_index: np.ndarray | None = None
+    fix_bits: np.ndarray | None = None
+    keyframes: list[Keyframe] = field(default_factory=list)
+    release: Callable[[], None] | None = None
+
+
+@dataclass
+class Commit:
+    """Committed counts: what readers may trust."""
+
+    num_steps: int = 0
+    num_ids: int = 0
+    num_ghost_ids: int = 0
+    num_fixes: int = 0
+    num_keyframes: int = 0
+
+    def ragged_count(self, path: str) -> int:
+        return {
+            "batch/ids": self.num_ids,
+            "batch/labels": self.num_ids,
+            "batch/ghost_ids": self.num_ghost_ids,
+            "fixes/tensor": self.num_fixes,
+            "fixes/index": self.num_fixes,
+            "fixes/bits": self.num_fixes,
+        }[path]
+
+
+def read_commit(group: zarr.Group) -> Commit:
+    attrs = group["commit"].attrs.asdict()
+    return Commit(**{k: int(attrs.get(k, 0)) for k in Commit.__dataclass_fields__})
+
+
+def _create(group: zarr.Group, path: str, row_shape: tuple[int, ...], dtype: str, *,
+            chunk_rows: int, shard_rows: int | None, codec: str, description: str) -> zarr.Array:
+    dtype = layout.storage_dtype(dtype)
+    kwargs: dict[str, Any] = {}
+    if shard_rows is not None and shard_rows != chunk_rows:
+        kwargs["shards"] = (shard_rows, *row_shape)
+    return group.create_array(
+        path,
+        shape=(0, *row_shape),
+        chunks=(chunk_rows, *row_shape),
+        dtype=dtype,
+        compressors=codecs.compressors(codec, np.dtype(dtype).itemsize),
+        fill_value=0,
+        attributes={"description": description},
+        **kwargs,
+    )
+
+
+def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> None:
+    """Create every array that exists from the start (optimizer state comes with step 1)."""
+    rc = meta.recorder
+    for t in meta.tensors:
+        enc = get_encoding(t.encoding, **t.encoding_params)
+        for array, spec in enc.arrays(t.shape, t.dtype).items():
+            _create(group, layout.param_path(t.name, array), spec.shape, spec.dtype,
+                    chunk_rows=t.chunk_steps, shard_rows=steps_per_block, codec=t.codec,
+                    description=f"encoding {t.encoding!r} array {array!r} of Δ_t = θ_(t+1) − θ_t "
+                    f"for parameter {t.name!r}, one row per step")
+        _create(group, layout.keyframe_path(t.name), t.shape, t.dtype, chunk_rows=1,
+                shard_rows=None, codec=rc["state_codec"],
+                description=f"θ_t of {t.name!r} at the steps in /keyframe_steps (exact)")
+    for b in meta.buffers:
+        _create(group, layout.buffer_path(b.name), b.shape, b.dtype, chunk_rows=1,
+                shard_rows=None, codec=rc["state_codec"],
+                description=f"module buffer {b.name!r} at the steps in /keyframe_steps")
+    _create(group, "keyframe_steps", (), "int64", chunk_rows=layout.SCALAR_CHUNK,
+            shard_rows=None, codec=codecs.DEFAULT_INT_CODEC,
+            description="steps t at which keyframes hold θ_t (0 = initial weights)")
+    for name, (dtype, desc) in layout.STEP_SCALARS.items():
+        _create(group, f"steps/{name}", (), dtype, chunk_rows=layout.SCALAR_CHUNK,
+                shard_rows=None, codec=codecs.DEFAULT_INT_CODEC, description=desc)
+    _create(group, "steps/nonfinite", (len(meta.tensors),), "int32",
+            chunk_rows=layout.SCALAR_CHUNK, shard_rows=None, codec=codecs.DEFAULT_INT_CODEC,
+            description="NaN/inf count of each tensor's delta per step (tensor order as in "
+            "the 'tensors' table)")
+    for key in meta.hparam_keys:
+        _create(group, layout.hparam_path(key), (), "float64", chunk_rows=layout.SCALAR_CHUNK,
+                shard_rows=None, codec=codecs.DEFAULT_INT_CODEC,
+                description=f"optimizer hyperparameter {key} (param group.key) at each step")
+    for path, (dtype, desc) in layout.RAGGED.items():
+        _create(group, path, (), dtype, chunk_rows=layout.RAGGED_CHUNK, shard_rows=None,
+                codec=codecs.DEFAULT_INT_CODEC, description=desc)
+    c = group.create_group("commit")
+    c.attrs.update({**Commit().__dict__, "description": "committed counts: readers trust "
+                    "only these; rewritten after each block's data"})
+
+
+def create_state_arrays(group: zarr.Group, meta: RunMeta, steps_per_block: int,
+                        chunk_bytes: int) -> None:
+    """Optimizer state arrays, created when the first step reveals the state's layout."""
+    for name, specs in meta.optim_state.items():
+        for s in specs:
+            path = layout.optim_path(name, s.name)
+            if path in group:
+                continue
+            step_bytes = int(np.prod(s.shape, dtype=np.int64)) * np.dtype(
+                layout.storage_dtype(s.dtype)).itemsize
+            _create(group, path, s.shape, s.dtype,
+                    chunk_rows=layout.chunk_steps_for(step_bytes, steps_per_block, chunk_bytes),
+                    shard_rows=steps_per_block, codec=meta.recorder["state_codec"],
+                    description=f"optimizer state {s.name!r} of {name!r} after step t")
+
+
+class BlockWriter:
+    """Writes blocks in a background thread; errors are re-raised in the caller's thread."""
+
+    def __init__(self, group: zarr.Group, meta: RunMeta, commit: Commit, max_pending: int) -> None:
+        self.group = group
+        self.meta = meta
+        self.commit = commit
+        self._encodings = {t.name: get_encoding(t.encoding, **t.encoding_params) for t in meta.tensors}
+        self._queue: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self.bytes_raw = 0
+        self.seconds_busy = 0.0
+        self._thread = threading.Thread(target=self._run, name="historystore-writer", daemon=True)
+        self._thread.start()
+
+    # -- caller side -------------------------------------------------------------------------
+    def submit(self, block: Block) -> None:
+        """Queue a block; blocks the caller while ``max_pending`` blocks are waiting."""
+        self.raise_if_failed()
+        while True:
+            try:
+                self._queue.put(block, timeout=0.5)
+                return
+            except queue.Full:
+                self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RecorderError(f"the background writer failed: {self._error!r}") from self._error
+
+    def close(self) -> None:
+        """Drain the queue, stop the thread and raise any writer error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self.raise_if_failed()
+
+    # -- writer thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            block = self._queue.get()
+            if block is None:
+                return
+            if self._error is not None:  # drop further blocks after a failure, keep draining
+                continue
+            try:
+                start = time.perf_counter()
+                self.write(block)
+                self.seconds_busy += time.perf_counter() - start
+            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+                self._error = e
+            finally:
+                if block.release is not None:
+                    block.release()
+
+    def _array(self, path: str) -> zarr.Array:
+        arr = self._arrays.get(path)
+        if arr is None:
+            arr = self._arrays[path] = self.group[path]
+        return arr
+
+    def _put_rows(self, path: str, start: int, data: np.ndarray) -> None:
+        arr = self._array(path)
+        stop = start + data.shape[0]
+        if data.shape[0] == 0:
+            return
+        if arr.shape[0] < stop:
+            arr.resize((stop, *arr.shape[1:]))
+        arr[start:stop] = data
+        self.bytes_raw += data.nbytes
+
+    def write(self, block: Block) -> None:
+        """Write one block's data, then its commit marker (the order matters)."""
+        c = self.commit
+        t0, n = block.t0, block.n
+        if t0 != c.num_steps:
+            raise RecorderError(f"block starts at step {t0} but {c.num_steps} steps are committed")
+        if n:
+            if any(layout.optim_path(name, s.name) not in self._arrays and
+                   layout.optim_path(name, s.name) not in self.group
+                   for name, specs in self.meta.optim_state.items() for s in specs):
+                create_state_arrays(self.group, self.meta, self.meta.recorder["steps_per_block"],
+                                    self.meta.recorder["chunk_bytes"])
+                self.group.attrs.update({layout.ATTR_KEY: self.meta.to_json()})
+            nonfinite = np.zeros((n, len(self.meta.tensors)), dtype=np.int32)
+            for i, t in enumerate(self.meta.tensors):
+                dense = block.deltas[t.name]
+                nonfinite[:, i] = _count_nonfinite(dense)
+                for array, data in self._encodings[t.name].encode(dense).items():
+                    self._put_rows(layout.param_path(t.name, array), t0, data)
+            for name, states in block.states.items():
+                for key, data in states.items():
+                    self._put_rows(layout.optim_path(name, key), t0, data)
+            for key, data in block.hparams.items():
+                self._put_rows(layout.hparam_path(key), t0, data)
+            for key, data in block.scalars.items():
+                self._put_rows(f"steps/{key}", t0, data)
+            self._put_rows("steps/nonfinite", t0, nonfinite)
+            self._put_rows("batch/ids", c.num_ids, block.ids)
+            self._put_rows("batch/labels", c.num_ids, block.labels)
+            self._put_rows("batch/ghost_ids", c.num_ghost_ids, block.ghost_ids)
+            self._put_rows("fixes/tensor", c.num_fixes, block.fix_tensor)
+            self._put_rows("fixes/index", c.num_fixes, block.fix_index)
+            self._put_rows("fixes/bits", c.num_fixes, block.fix_bits)
+        for k, kf in enumerate(block.keyframes):
+            row = c.num_keyframes + k
+            for name, value in kf.params.items():
+                self._put_rows(layout.keyframe_path(name), row, value[None])
+            for name, value in kf.buffers.items():
+                self._put_rows(layout.buffer_path(name), row, value[None])
+            self._put_rows("keyframe_steps", row, np.array([kf.step], dtype=np.int64))
+        new = Commit(
+            num_steps=t0 + n,
+            num_ids=c.num_ids + (0 if block.ids is None else len(block.ids)),
+            num_ghost_ids=c.num_ghost_ids + (0 if block.ghost_ids is None else len(block.ghost_ids)),
+            num_fixes=c.num_fixes + (0 if block.fix_index is None else len(block.fix_index)),
+            num_keyframes=c.num_keyframes + len(block.keyframes),
+        )
+        self.group["commit"].attrs.update({**new.__dict__, "updated": time.time()})
+        self.commit = new
+
+
+def _count_nonfinite(block: np.ndarray) -> np.ndarray:
+    """Per-step NaN/inf counts; a cheap per-step sum screens out the (usual) finite steps."""
+    n = block.shape[0]
+    out = np.zeros(n, dtype=np.int32)
+    if block.dtype.kind != "f":
+        return out
+    flat = block.reshape(n, -1)
+    with np.errstate(all="ignore"):
+        sums = flat.sum(axis=1)
+    for i in np.flatnonzero(~np.isfinite(sums)):
+        out[i] = int((~np.isfinite(flat[i])).sum())
+    return out
