@@ -93,6 +93,8 @@ def _create(group: zarr.Group, path: str, row_shape: tuple[int, ...], dtype: str
         compressors=codecs.compressors(codec, np.dtype(dtype).itemsize),
         fill_value=0,
         attributes={"description": description},
+        # every chunk is written, even all-zero ones: a missing chunk file then means loss
+        config={"write_empty_chunks": True},
         **kwargs,
     )
 
@@ -211,7 +213,8 @@ class BlockWriter:
     def _array(self, path: str) -> zarr.Array:
         arr = self._arrays.get(path)
         if arr is None:
-            arr = self._arrays[path] = self.group[path]
+            # write all-zero chunks too (the setting is not persisted): verify relies on it
+            arr = self._arrays[path] = self.group[path].with_config({"write_empty_chunks": True})
         return arr
 
     def _put_rows(self, path: str, start: int, data: np.ndarray) -> None:
