@@ -66,6 +66,8 @@ def verify_cmd(store: str, progress: bool) -> None:
 
     report = verify(store, progress=progress and sys.stderr.isatty())
     click.echo(report.summary)
+    for note in report.notes:
+        click.echo(f"note: {note}")
     for w in report.warnings:
         click.echo(f"WARNING: {w}")
     if not report.ok:

@@ -14,6 +14,7 @@ anyone who opens it with plain ``zarr.open_group``::
     /steps/<scalar>            [T]          loss, timestamp, duration, batch_size, ...
     /steps/hparams/<g>.<key>   [T]          param-group hyperparameters (lr, betas, ...)
     /steps/nonfinite           [T, n]       count of NaN/inf per tensor's delta
+    /steps/theta_crc           [T, n]       crc32 of θ_(t+1) at the end of each written block
     /batch/ids, labels         [N]          example ids (ragged, sizes in /steps/batch_size)
     /batch/ghost_ids           [G]          ghost-sample ids (sizes in /steps/ghost_size)
     /fixes/tensor,index,bits   [F]          exact replay corrections (sizes in /steps/num_fixes)

@@ -11,7 +11,6 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -73,6 +72,7 @@ class HistoryStore:
         self.meta = meta
         self.commit = commit
         self.num_steps = commit.num_steps
+        self._present: set[str] = set()
         self.tensor_names = [t.name for t in meta.tensors]
         self._index = {t.name: i for i, t in enumerate(meta.tensors)}
         self.encodings: dict[str, Encoding] = {
@@ -104,11 +104,28 @@ class HistoryStore:
             raise CorruptStoreError(
                 f"{self.path}: array {path!r} holds {arr.shape[0]} rows but {stop} are committed"
             )
+        if stop > start:
+            self._check_present(path, arr, start, stop)
         try:
             return arr[start:stop]
         except (ValueError, RuntimeError, OSError) as e:
             raise CorruptStoreError(f"{self.path}: reading {path!r} rows {start}:{stop} failed "
                                     f"({e})") from e
+
+    def _check_present(self, path: str, arr: zarr.Array, start: int, stop: int) -> None:
+        """zarr reads a missing chunk file as zeros; a truncated store must fail loudly."""
+        per_file = arr.shards[0] if arr.shards else arr.chunks[0]
+        tail = "".join("/0" for _ in arr.shape[1:])
+        for i in range(start // per_file, (stop - 1) // per_file + 1):
+            key = f"{path}/c/{i}{tail}"
+            if key in self._present:
+                continue
+            if not os.path.exists(os.path.join(self.path, key)):
+                raise CorruptStoreError(
+                    f"{self.path}: chunk file {key!r} (rows {i * per_file}-"
+                    f"{(i + 1) * per_file - 1}) is missing: the store is truncated"
+                )
+            self._present.add(key)
 
     def _check_counts(self) -> None:
         c = self.commit

@@ -24,7 +24,7 @@ from . import layout, tensors
 from .config import RecorderConfig
 from .errors import ModelMismatchError, NotAStoreError, RecorderError
 from .layout import ArrayInfo, RunMeta, TensorInfo
-from .writer import Block, BlockWriter, Commit, Keyframe, create_layout, read_commit
+from .writer import Block, BlockWriter, Commit, Keyframe, create_layout
 
 IdsLike = torch.Tensor | np.ndarray | Sequence[int]
 
@@ -314,6 +314,9 @@ class Recorder:
         b.fix_tensor = _cat(self._fix_t, np.int32)
         b.fix_index = _cat(self._fix_i)
         b.fix_bits = _cat(self._fix_b, np.uint64)
+        b.theta_crc = np.zeros((n, len(self._params)), dtype=np.uint64)
+        if n:
+            b.theta_crc[n - 1] = [tensors.crc_marker(p) for p in self._prev]
         b.release = lambda bufs=bufs: self._pool.put(bufs)
         assert self._writer is not None
         self._writer.submit(b)
@@ -464,7 +467,7 @@ class Recorder:
             # keep what was recorded (it is valid), but never mask the training error
             try:
                 self.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             return
         self.close()
@@ -500,4 +503,4 @@ def _first_difference(a: list[Any], b: list[Any]) -> str:
     return "parameter order differs"
 
 
-__all__ = ["Recorder", "RecorderConfig", "NotAStoreError"]
+__all__ = ["NotAStoreError", "Recorder", "RecorderConfig"]

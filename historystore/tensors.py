@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import torch
 
@@ -69,3 +71,10 @@ def to_numpy_view(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
+
+
+def crc_marker(t: torch.Tensor) -> int:
+    """2**32 + crc32 of a tensor's bytes: a cheap fingerprint of θ that verify can recompute
+    from the replayed weights (the 2**32 bit marks the row as holding a fingerprint)."""
+    a = to_numpy(t) if t.device.type != "cpu" or t.dtype == torch.bfloat16 else t.detach().numpy()
+    return (1 << 32) | zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))

@@ -49,6 +49,7 @@ class Block:
     fix_tensor: np.ndarray | None = None
     fix_index: np.ndarray | None = None
     fix_bits: np.ndarray | None = None
+    theta_crc: np.ndarray | None = None
     keyframes: list[Keyframe] = field(default_factory=list)
     release: Callable[[], None] | None = None
 
@@ -122,6 +123,10 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
     for name, (dtype, desc) in layout.STEP_SCALARS.items():
         _create(group, f"steps/{name}", (), dtype, chunk_rows=layout.SCALAR_CHUNK,
                 shard_rows=None, codec=codecs.DEFAULT_INT_CODEC, description=desc)
+    _create(group, "steps/theta_crc", (len(meta.tensors),), "uint64",
+            chunk_rows=layout.SCALAR_CHUNK, shard_rows=None, codec=codecs.DEFAULT_INT_CODEC,
+            description="2**32 + crc32 of each tensor's θ_(t+1) bytes at the last step of every "
+            "written block (0 elsewhere): verify checks replay against it")
     _create(group, "steps/nonfinite", (len(meta.tensors),), "int32",
             chunk_rows=layout.SCALAR_CHUNK, shard_rows=None, codec=codecs.DEFAULT_INT_CODEC,
             description="NaN/inf count of each tensor's delta per step (tensor order as in "
@@ -204,7 +209,7 @@ class BlockWriter:
                 start = time.perf_counter()
                 self.write(block)
                 self.seconds_busy += time.perf_counter() - start
-            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+            except BaseException as e:
                 self._error = e
             finally:
                 if block.release is not None:
@@ -254,6 +259,7 @@ class BlockWriter:
             for key, data in block.scalars.items():
                 self._put_rows(f"steps/{key}", t0, data)
             self._put_rows("steps/nonfinite", t0, nonfinite)
+            self._put_rows("steps/theta_crc", t0, block.theta_crc)
             self._put_rows("batch/ids", c.num_ids, block.ids)
             self._put_rows("batch/labels", c.num_ids, block.labels)
             self._put_rows("batch/ghost_ids", c.num_ghost_ids, block.ghost_ids)
