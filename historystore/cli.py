@@ -35,23 +35,31 @@ def info_cmd(store: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(d))
         return
-    click.echo(f"{d['path']}: {d['num_steps']} steps, {d['num_parameters']:,} parameters in "
-               f"{len(d['tensors'])} tensors, optimizer {d['optimizer']}")
-    click.echo(f"  stored {_mb(d['bytes_stored'])} of {_mb(d['bytes_raw'])} raw "
-               f"(ratio {d['ratio']:.2f}); keyframes at {d['keyframe_steps']}; "
-               f"{d['num_replay_fixes']:,} exact-replay fixes")
+    click.echo(
+        f"{d['path']}: {d['num_steps']} steps, {d['num_parameters']:,} parameters in "
+        f"{len(d['tensors'])} tensors, optimizer {d['optimizer']}"
+    )
+    click.echo(
+        f"  stored {_mb(d['bytes_stored'])} of {_mb(d['bytes_raw'])} raw "
+        f"(ratio {d['ratio']:.2f}); keyframes at {d['keyframe_steps']}; "
+        f"{d['num_replay_fixes']:,} exact-replay fixes"
+    )
     click.echo(f"  {'tensor':<28} {'shape':<18} {'encoding':<10} {'codec':<24} {'ratio':>6}")
     for t in d["tensors"]:
-        click.echo(f"  {t['name']:<28} {'x'.join(map(str, t['shape'])):<18} "
-                   f"{t['encoding']:<10} {t['codec']:<24} {t['ratio']:>6.2f}")
+        click.echo(
+            f"  {t['name']:<28} {'x'.join(map(str, t['shape'])):<18} "
+            f"{t['encoding']:<10} {t['codec']:<24} {t['ratio']:>6.2f}"
+        )
         if t["encoding_reason"] not in ("default", "default (lossless)"):
             click.echo(f"      ({t['encoding_reason']})")
     if d["optimizer_state"]:
         keys = sorted({k for v in d["optimizer_state"].values() for k in v})
         click.echo(f"  optimizer state per step: {', '.join(keys)}")
     if d["num_nonfinite_steps"]:
-        click.echo(f"  WARNING: {d['num_nonfinite_steps']} steps have NaN/inf deltas, first "
-                   f"{d['nonfinite_steps'][:5]}")
+        click.echo(
+            f"  WARNING: {d['num_nonfinite_steps']} steps have NaN/inf deltas, first "
+            f"{d['nonfinite_steps'][:5]}"
+        )
 
 
 @main.command("verify")

@@ -21,7 +21,9 @@ DEFAULT_CODEC = "blosc-zstd1-bitshuffle"
 #: Codec for integer arrays (ids, labels, counts): byte-shuffle suits small integers.
 DEFAULT_INT_CODEC = "blosc-zstd1-shuffle"
 
-_BLOSC = re.compile(r"^blosc-(zstd|lz4|lz4hc|zlib|blosclz)(\d)?(?:-(bitshuffle|shuffle|noshuffle))?$")
+_BLOSC = re.compile(
+    r"^blosc-(zstd|lz4|lz4hc|zlib|blosclz)(\d)?(?:-(bitshuffle|shuffle|noshuffle))?$"
+)
 _ZSTD = re.compile(r"^zstd(\d{1,2})?$")
 
 

@@ -8,6 +8,7 @@ crc32c is checked on decode) and checks that no chunk file of the committed rang
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,10 +27,8 @@ def _du(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for f in files:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
     return total
 
 
@@ -73,24 +72,37 @@ def info(path: str) -> dict[str, Any]:
         stored = 0
         for a in store.encodings[t.name].arrays(t.shape, t.dtype):
             p = layout.param_path(t.name, a)
-            raw += store.num_steps * t.nbytes if a == "delta" else \
-                store.num_steps * _row_bytes(store.group[p])
+            raw += (
+                store.num_steps * t.nbytes
+                if a == "delta"
+                else store.num_steps * _row_bytes(store.group[p])
+            )
             stored += _du(os.path.join(path, p))
         dense_raw = store.num_steps * t.nbytes
-        tensors_out.append({
-            "name": t.name, "shape": list(t.shape), "dtype": t.dtype,
-            "encoding": t.encoding, "encoding_params": t.encoding_params,
-            "encoding_reason": t.encoding_reason, "codec": t.codec, "chunk_steps": t.chunk_steps,
-            "bytes_raw": dense_raw, "bytes_stored": stored,
-            "ratio": dense_raw / stored if stored else math.nan,
-        })
+        tensors_out.append(
+            {
+                "name": t.name,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "encoding": t.encoding,
+                "encoding_params": t.encoding_params,
+                "encoding_reason": t.encoding_reason,
+                "codec": t.codec,
+                "chunk_steps": t.chunk_steps,
+                "bytes_raw": dense_raw,
+                "bytes_stored": stored,
+                "ratio": dense_raw / stored if stored else math.nan,
+            }
+        )
     for p, rows in committed_arrays(store).items():
         arr = store.group[p]
         raw_total += rows * _row_bytes(arr)
     # encodings may store less than a dense delta: count the dense float size as "raw"
     raw_total += sum(t["bytes_raw"] for t in tensors_out) - sum(
         store.num_steps * _row_bytes(store.group[layout.param_path(t.name, a)])
-        for t in m.tensors for a in store.encodings[t.name].arrays(t.shape, t.dtype))
+        for t in m.tensors
+        for a in store.encodings[t.name].arrays(t.shape, t.dtype)
+    )
     stored_total = _du(path)
     nf = store.nonfinite()
     bad_steps = np.flatnonzero(nf.sum(axis=1)) if nf.size else np.zeros(0, dtype=np.int64)
@@ -138,9 +150,11 @@ class VerifyReport:
     def summary(self) -> str:
         if self.ok:
             w = f"; {len(self.warnings)} warning(s)" if self.warnings else ""
-            return (f"OK {self.path}: {self.num_steps} steps, {self.arrays_checked} arrays read "
-                    f"and checksummed, bit-exact replay to {self.keyframes_checked} keyframes "
-                    f"and {self.checkpoints_checked} block ends incl. the last step{w}")
+            return (
+                f"OK {self.path}: {self.num_steps} steps, {self.arrays_checked} arrays read "
+                f"and checksummed, bit-exact replay to {self.keyframes_checked} keyframes "
+                f"and {self.checkpoints_checked} block ends incl. the last step{w}"
+            )
         return f"FAILED {self.path}: {self.problems[0]}"
 
 
@@ -185,8 +199,9 @@ def verify(path: str, progress: bool = False) -> VerifyReport:
     return report
 
 
-def _verify_data(store: HistoryStore, arrays: dict[str, int], report: VerifyReport,
-                 progress: bool) -> None:
+def _verify_data(
+    store: HistoryStore, arrays: dict[str, int], report: VerifyReport, progress: bool
+) -> None:
     from tqdm.auto import tqdm
 
     # every non-delta array: read in full (checksums)
@@ -197,38 +212,43 @@ def _verify_data(store: HistoryStore, arrays: dict[str, int], report: VerifyRepo
         step = max(1, arr.chunks[0]) * 8
         for a in range(0, rows, step):
             try:
-                arr[a:min(rows, a + step)]
+                arr[a : min(rows, a + step)]
             except Exception as e:
-                raise CorruptStoreError(f"array {p!r} rows {a}-{min(rows, a + step) - 1} "
-                                        f"cannot be read: {e!r}") from e
+                raise CorruptStoreError(
+                    f"array {p!r} rows {a}-{min(rows, a + step) - 1} cannot be read: {e!r}"
+                ) from e
         report.arrays_checked += 1
     # replay θ from θ_0 through every step; compare with every keyframe bit for bit
     kf_steps = store.keyframe_steps.tolist()
     if kf_steps[-1] != store.num_steps:
         kf_steps = [*kf_steps, store.num_steps]  # killed recorder: no final keyframe
-        report.notes.append(f"no keyframe at the last step {store.num_steps} (the recorder did "
-                            "not close, e.g. it was killed); replay checked by checksum")
+        report.notes.append(
+            f"no keyframe at the last step {store.num_steps} (the recorder did "
+            "not close, e.g. it was killed); replay checked by checksum"
+        )
     lossless = {t.name for t in store.meta.tensors if store.encodings[t.name].lossless}
     crc = store.group["steps/theta_crc"][: store.num_steps]
     names = store.tensor_names
     theta = store.keyframe(0)
-    bar = tqdm(total=store.num_steps, desc="verify", unit="step", disable=not progress,
-               leave=False)
+    bar = tqdm(total=store.num_steps, desc="verify", unit="step", disable=not progress, leave=False)
     for k in range(1, len(kf_steps)):
         a, b = kf_steps[k - 1], kf_steps[k]
         for b0, b1 in store.block_ranges(a, b):
             try:
                 store.replay(theta, b0, b1)
             except Exception as e:
-                raise CorruptStoreError(f"deltas of steps {b0}-{b1 - 1} cannot be read: "
-                                        f"{e!r}") from e
+                raise CorruptStoreError(
+                    f"deltas of steps {b0}-{b1 - 1} cannot be read: {e!r}"
+                ) from e
             bar.update(b1 - b0)
             for i in np.flatnonzero(crc[b0:b1, 0]):
                 step = b0 + int(i) + 1
                 for j, name in enumerate(names):
                     if name in lossless and tensors.crc_marker(theta[name]) != int(crc[b0 + i, j]):
-                        report.fail(f"replay of {name!r} to step {step} does not match its "
-                                    "recorded checksum: deltas or fixes before it are corrupt")
+                        report.fail(
+                            f"replay of {name!r} to step {step} does not match its "
+                            "recorded checksum: deltas or fixes before it are corrupt"
+                        )
                         bar.close()
                         return
                 report.checkpoints_checked += 1
@@ -239,18 +259,21 @@ def _verify_data(store: HistoryStore, arrays: dict[str, int], report: VerifyRepo
             it = tensors.int_view_dtype(theta[name].dtype)
             diff = theta[name].view(it) != expected[name].view(it)
             if bool(diff.any()):
-                report.fail(f"replay of {name!r} differs from the keyframe at step {b} in "
-                            f"{int(diff.sum())} elements (first at flat index "
-                            f"{int(diff.view(-1).nonzero()[0])}): deltas or fixes before step "
-                            f"{b} are corrupt")
+                report.fail(
+                    f"replay of {name!r} differs from the keyframe at step {b} in "
+                    f"{int(diff.sum())} elements (first at flat index "
+                    f"{int(diff.view(-1).nonzero()[0])}): deltas or fixes before step "
+                    f"{b} are corrupt"
+                )
                 bar.close()
                 return
         for name in set(theta) - lossless:  # lossy encodings restart from each keyframe
             theta[name] = expected[name].clone()
         report.keyframes_checked += 1
     bar.close()
-    report.arrays_checked += sum(1 for p in arrays if p.startswith("params/")
-                                 and not p.endswith("/keyframes"))
+    report.arrays_checked += sum(
+        1 for p in arrays if p.startswith("params/") and not p.endswith("/keyframes")
+    )
     nf = store.nonfinite()
     if nf.size and nf.any():
         steps, cols = np.nonzero(nf)

@@ -192,7 +192,9 @@ def read_meta(group: zarr.Group, path: str) -> RunMeta:
     attrs = group.attrs.asdict()
     raw = attrs.get(ATTR_KEY)
     if not isinstance(raw, dict) or raw.get("format") != "historystore":
-        raise NotAStoreError(f"{path} is a zarr group but not a historystore (no '{ATTR_KEY}' attrs)")
+        raise NotAStoreError(
+            f"{path} is a zarr group but not a historystore (no '{ATTR_KEY}' attrs)"
+        )
     version = raw.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise SchemaVersionError(
@@ -210,5 +212,7 @@ def open_group(path: str, mode: str = "r") -> zarr.Group:
     try:
         group = zarr.open_group(path, mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, TypeError) as e:
-        raise NotAStoreError(f"{path} is not a historystore (cannot open a zarr v3 group: {e})") from e
+        raise NotAStoreError(
+            f"{path} is not a historystore (cannot open a zarr v3 group: {e})"
+        ) from e
     return group

@@ -60,7 +60,7 @@ class StepBlock:
         return self.stop - self.start
 
     def step_ids(self, i: int) -> np.ndarray:
-        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
 
 class HistoryStore:
@@ -109,8 +109,9 @@ class HistoryStore:
         try:
             return arr[start:stop]
         except (ValueError, RuntimeError, OSError) as e:
-            raise CorruptStoreError(f"{self.path}: reading {path!r} rows {start}:{stop} failed "
-                                    f"({e})") from e
+            raise CorruptStoreError(
+                f"{self.path}: reading {path!r} rows {start}:{stop} failed ({e})"
+            ) from e
 
     def _check_present(self, path: str, arr: zarr.Array, start: int, stop: int) -> None:
         """zarr reads a missing chunk file as zeros; a truncated store must fail loudly."""
@@ -129,8 +130,11 @@ class HistoryStore:
 
     def _check_counts(self) -> None:
         c = self.commit
-        for name, total in (("batch_size", c.num_ids), ("ghost_size", c.num_ghost_ids),
-                            ("num_fixes", c.num_fixes)):
+        for name, total in (
+            ("batch_size", c.num_ids),
+            ("ghost_size", c.num_ghost_ids),
+            ("num_fixes", c.num_fixes),
+        ):
             if int(self._scalars[name].sum()) != total:
                 raise CorruptStoreError(
                     f"{self.path}: /steps/{name} sums to {int(self._scalars[name].sum())} but "
@@ -180,8 +184,10 @@ class HistoryStore:
     def _encoded(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
         t = self.meta.tensor(name)
         enc = self.encodings[name]
-        return {a: self._read(layout.param_path(name, a), start, stop)
-                for a in enc.arrays(t.shape, t.dtype)}
+        return {
+            a: self._read(layout.param_path(name, a), start, stop)
+            for a in enc.arrays(t.shape, t.dtype)
+        }
 
     def _dense(self, name: str, start: int, stop: int) -> torch.Tensor:
         t = self.meta.tensor(name)
@@ -206,18 +212,25 @@ class HistoryStore:
     def buffers_at(self, t: int) -> dict[str, torch.Tensor]:
         """Module buffers (e.g. BatchNorm statistics) at the last keyframe ≤ t."""
         k = int(np.searchsorted(self.keyframe_steps, t, side="right") - 1)
-        return {b.name: tensors.from_numpy(self._read(layout.buffer_path(b.name), k, k + 1)[0],
-                                           b.dtype) for b in self.meta.buffers}
+        return {
+            b.name: tensors.from_numpy(self._read(layout.buffer_path(b.name), k, k + 1)[0], b.dtype)
+            for b in self.meta.buffers
+        }
 
     def fixes(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Exact-replay corrections of steps [start, stop): (offsets, tensor, index, bits)."""
         a, b = int(self._fix_off[start]), int(self._fix_off[stop])
-        off = self._fix_off[start:stop + 1] - a
-        return (off, self._read("fixes/tensor", a, b), self._read("fixes/index", a, b),
-                self._read("fixes/bits", a, b))
+        off = self._fix_off[start : stop + 1] - a
+        return (
+            off,
+            self._read("fixes/tensor", a, b),
+            self._read("fixes/index", a, b),
+            self._read("fixes/bits", a, b),
+        )
 
-    def params_at(self, t: int, names: Sequence[str] | None = None,
-                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def params_at(
+        self, t: int, names: Sequence[str] | None = None, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """θ_t (``params_at(0)`` initial, ``params_at(num_steps)`` final weights)."""
         t = self._check_step(t, self.num_steps)
         names = self._names(names)
@@ -227,7 +240,7 @@ class HistoryStore:
         return theta
 
     def replay(self, theta: dict[str, torch.Tensor], start: int, stop: int) -> None:
-        """Advance ``theta`` (θ_start, modified in place) to θ_stop, exactly for lossless tensors."""
+        """Advance ``theta`` (θ_start, in place) to θ_stop, exactly for lossless tensors."""
         if stop <= start:
             return
         spb = self.steps_per_block
@@ -247,9 +260,12 @@ class HistoryStore:
         t = self._check_step(t, self.num_steps - 1)
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name, specs in self.meta.optim_state.items():
-            out[name] = {s.name: tensors.from_numpy(
-                self._read(layout.optim_path(name, s.name), t, t + 1)[0], s.dtype)
-                for s in specs}
+            out[name] = {
+                s.name: tensors.from_numpy(
+                    self._read(layout.optim_path(name, s.name), t, t + 1)[0], s.dtype
+                )
+                for s in specs
+            }
         return out
 
     def batch(self, t: int) -> Batch:
@@ -267,17 +283,22 @@ class HistoryStore:
             hparams=hp,
         )
 
-    def batches(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray,
-                                                                        np.ndarray]:
+    def batches(
+        self, start: int = 0, stop: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, labels, offsets) of steps [start, stop), concatenated."""
         stop = self.num_steps if stop is None else stop
         a, b = int(self._batch_off[start]), int(self._batch_off[stop])
-        return (self._read("batch/ids", a, b), self._read("batch/labels", a, b),
-                self._batch_off[start:stop + 1] - a)
+        return (
+            self._read("batch/ids", a, b),
+            self._read("batch/labels", a, b),
+            self._batch_off[start : stop + 1] - a,
+        )
 
     # -- streaming ---------------------------------------------------------------------------
-    def block_ranges(self, start: int = 0, stop: int | None = None,
-                     block_steps: int | None = None) -> list[tuple[int, int]]:
+    def block_ranges(
+        self, start: int = 0, stop: int | None = None, block_steps: int | None = None
+    ) -> list[tuple[int, int]]:
         """Step ranges aligned to the store's blocks (whole shards are read once)."""
         stop = self.num_steps if stop is None else stop
         bs = block_steps or self.steps_per_block
@@ -288,9 +309,15 @@ class HistoryStore:
             t = end
         return out
 
-    def read_block(self, start: int, stop: int, names: Sequence[str] | None = None,
-                   device: str | torch.device | None = "cpu", dense: bool = True,
-                   raw: bool = False) -> StepBlock:
+    def read_block(
+        self,
+        start: int,
+        stop: int,
+        names: Sequence[str] | None = None,
+        device: str | torch.device | None = "cpu",
+        dense: bool = True,
+        raw: bool = False,
+    ) -> StepBlock:
         """Read and decode steps [start, stop) of the chosen tensors."""
         names = self._names(names)
         dev = tensors.auto_device(device)
@@ -310,12 +337,30 @@ class HistoryStore:
                     x = x.pin_memory().to(dev, non_blocking=True)
                 deltas[n] = x
         lr = {n: self.lr(n)[start:stop] for n in names}
-        return StepBlock(start, stop, deltas, ids, labels, offsets, lr,
-                         self._scalars["loss"][start:stop], raws if raws else None)
+        return StepBlock(
+            start,
+            stop,
+            deltas,
+            ids,
+            labels,
+            offsets,
+            lr,
+            self._scalars["loss"][start:stop],
+            raws if raws else None,
+        )
 
-    def scan(self, start: int = 0, stop: int | None = None, names: Sequence[str] | None = None,
-             *, block_steps: int | None = None, device: str | torch.device | None = "cpu",
-             prefetch: int = 2, dense: bool = True, raw: bool = False) -> Iterator[StepBlock]:
+    def scan(
+        self,
+        start: int = 0,
+        stop: int | None = None,
+        names: Sequence[str] | None = None,
+        *,
+        block_steps: int | None = None,
+        device: str | torch.device | None = "cpu",
+        prefetch: int = 2,
+        dense: bool = True,
+        raw: bool = False,
+    ) -> Iterator[StepBlock]:
         """Yield blocks of steps in order, reading the next ``prefetch`` blocks in background
         threads while the caller computes on the current one."""
         ranges = self.block_ranges(start, stop, block_steps)
@@ -334,8 +379,9 @@ class HistoryStore:
                 fut = pending.pop(0)
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append(ex.submit(self.read_block, nxt[0], nxt[1], names, device,
-                                             dense, raw))
+                    pending.append(
+                        ex.submit(self.read_block, nxt[0], nxt[1], names, device, dense, raw)
+                    )
                 yield fut.result()
 
     # -- models ------------------------------------------------------------------------------
@@ -345,16 +391,21 @@ class HistoryStore:
         for t in self.meta.tensors:
             p = params.get(t.name)
             if p is None:
-                raise ModelMismatchError(f"the model has no parameter {t.name!r} recorded in "
-                                         f"{self.path}")
+                raise ModelMismatchError(
+                    f"the model has no parameter {t.name!r} recorded in {self.path}"
+                )
             if tuple(p.shape) != t.shape or tensors.dtype_name(p.dtype) != t.dtype:
                 raise ModelMismatchError(
                     f"parameter {t.name!r}: store has {t.shape} {t.dtype}, model has "
                     f"{tuple(p.shape)} {tensors.dtype_name(p.dtype)}"
                 )
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                step: int | None = None) -> None:
+    def restore(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        step: int | None = None,
+    ) -> None:
         """Load θ_step (default: the last step) and buffers into ``model``; with an optimizer,
         also its recorded state and hyperparameters after step-1 (to resume training)."""
         step = self.num_steps if step is None else self._check_step(step, self.num_steps)
@@ -372,8 +423,9 @@ class HistoryStore:
         if optimizer is not None and step > 0:
             self._restore_optimizer(optimizer, params, step - 1)
 
-    def _restore_optimizer(self, optimizer: torch.optim.Optimizer,
-                           params: dict[str, torch.nn.Parameter], t: int) -> None:
+    def _restore_optimizer(
+        self, optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], t: int
+    ) -> None:
         state = self.optimizer_state(t) if self.meta.optim_state else {}
         for name, st in state.items():
             p = params[name]
@@ -386,8 +438,11 @@ class HistoryStore:
                 if key == "params":
                     continue
                 if f"g{i}.{key}" in hp:
-                    g[key] = type(value)(hp[f"g{i}.{key}"]) if isinstance(value, (int, float)) \
+                    g[key] = (
+                        type(value)(hp[f"g{i}.{key}"])
+                        if isinstance(value, (int, float))
                         else hp[f"g{i}.{key}"]
+                    )
                 elif isinstance(value, tuple) and f"g{i}.{key}.0" in hp:
                     g[key] = tuple(hp[f"g{i}.{key}.{j}"] for j in range(len(value)))
 
@@ -396,8 +451,10 @@ class HistoryStore:
         return self._read("steps/nonfinite", 0, self.num_steps)
 
     def __repr__(self) -> str:
-        return (f"HistoryStore({self.path!r}, steps={self.num_steps}, "
-                f"tensors={len(self.meta.tensors)}, keyframes={self.keyframe_steps.tolist()})")
+        return (
+            f"HistoryStore({self.path!r}, steps={self.num_steps}, "
+            f"tensors={len(self.meta.tensors)}, keyframes={self.keyframe_steps.tolist()})"
+        )
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:
@@ -406,8 +463,13 @@ def _offsets(counts: np.ndarray) -> np.ndarray:
     return out
 
 
-def _apply_fixes(theta: dict[str, torch.Tensor], names: list[str], ften: np.ndarray,
-                 fidx: np.ndarray, fbits: np.ndarray) -> None:
+def _apply_fixes(
+    theta: dict[str, torch.Tensor],
+    names: list[str],
+    ften: np.ndarray,
+    fidx: np.ndarray,
+    fbits: np.ndarray,
+) -> None:
     for ti in np.unique(ften):
         name = names[int(ti)]
         th = theta.get(name)
@@ -433,5 +495,3 @@ def open_store(path: str | os.PathLike[str]) -> HistoryStore:
     except KeyError:
         raise CorruptStoreError(f"{path}: the commit marker /commit is missing") from None
     return HistoryStore(path, group, meta, commit)
-
-

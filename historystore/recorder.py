@@ -8,6 +8,7 @@ replays ``θ_{t+1} = fix(θ_t + Δ_t)``, which equals the trained weights bit fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -36,8 +37,9 @@ def _as_ids(x: IdsLike | None, what: str) -> np.ndarray:
         x = x.detach().cpu().numpy()
     a = np.asarray(x)
     if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
-        raise ValueError(f"{what} must be a 1-D sequence of integers, got shape {a.shape} "
-                         f"dtype {a.dtype}")
+        raise ValueError(
+            f"{what} must be a 1-D sequence of integers, got shape {a.shape} dtype {a.dtype}"
+        )
     return a.astype(np.int64, copy=False)
 
 
@@ -52,8 +54,10 @@ def _numeric_hparams(optimizer: torch.optim.Optimizer) -> dict[str, float]:
                 value = value.item()
             if isinstance(value, (int, float)):
                 out[f"g{i}.{key}"] = float(value)
-            elif isinstance(value, (tuple, list)) and value and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            elif (
+                isinstance(value, (tuple, list))
+                and value
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
             ):
                 for j, v in enumerate(value):
                     out[f"g{i}.{key}.{j}"] = float(v)
@@ -63,8 +67,13 @@ def _numeric_hparams(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 def _static_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     out = []
     for group in optimizer.param_groups:
-        out.append({k: v for k, v in group.items()
-                    if k != "params" and (isinstance(v, (bool, str)) or v is None)})
+        out.append(
+            {
+                k: v
+                for k, v in group.items()
+                if k != "params" and (isinstance(v, (bool, str)) or v is None)
+            }
+        )
     return out
 
 
@@ -144,8 +153,11 @@ class Recorder:
             raise RecorderError("a Recorder can be entered only once")
         self._entered = True
         self._params = self._named_trainable()
-        self._buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()
-                         or n.endswith("num_batches_tracked")]
+        self._buffers = [
+            (n, b)
+            for n, b in self.model.named_buffers()
+            if b.is_floating_point() or n.endswith("num_batches_tracked")
+        ]
         self.device = self._params[0][1].device
         self._cuda = self.device.type == "cuda"
         if self.resume:
@@ -156,8 +168,9 @@ class Recorder:
         self._prev = [p.detach().clone() for _, p in self._params]
         self._scratch = [torch.empty_like(p) for _, p in self._params]
         self._int_dtypes = [tensors.int_view_dtype(p.dtype) for _, p in self._params]
-        self._writer = BlockWriter(self._group, self.meta, self._commit,
-                                   self.meta.recorder["max_pending_blocks"])
+        self._writer = BlockWriter(
+            self._group, self.meta, self._commit, self.meta.recorder["max_pending_blocks"]
+        )
         self._pool = _BufferPool(self._alloc_block, self.meta.recorder["max_pending_blocks"] + 1)
         self._hook = self.optimizer.register_step_post_hook(self._on_optimizer_step)
         self._last_time = time.time()
@@ -184,19 +197,28 @@ class Recorder:
         infos = []
         for n, p in self._params:
             nbytes = p.numel() * p.element_size()
-            infos.append(TensorInfo(
-                name=n, shape=tuple(p.shape), dtype=tensors.dtype_name(p.dtype),
-                encoding="full", encoding_reason="default (lossless)", codec=cfg.codec,
-                chunk_steps=layout.chunk_steps_for(nbytes, spb, cfg.chunk_bytes),
-            ))
+            infos.append(
+                TensorInfo(
+                    name=n,
+                    shape=tuple(p.shape),
+                    dtype=tensors.dtype_name(p.dtype),
+                    encoding="full",
+                    encoding_reason="default (lossless)",
+                    codec=cfg.codec,
+                    chunk_steps=layout.chunk_steps_for(nbytes, spb, cfg.chunk_bytes),
+                )
+            )
         self.meta = RunMeta(
             tensors=infos,
-            buffers=[ArrayInfo(n, tuple(b.shape), tensors.dtype_name(b.dtype))
-                     for n, b in self._buffers],
+            buffers=[
+                ArrayInfo(n, tuple(b.shape), tensors.dtype_name(b.dtype)) for n, b in self._buffers
+            ],
             optimizer={
                 "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__qualname__}",
-                "groups": [[n for n, p in self._params if any(p is q for q in g["params"])]
-                           for g in self.optimizer.param_groups],
+                "groups": [
+                    [n for n, p in self._params if any(p is q for q in g["params"])]
+                    for g in self.optimizer.param_groups
+                ],
                 "static": _static_hparams(self.optimizer),
             },
             optim_state={},
@@ -231,8 +253,10 @@ class Recorder:
         t = store.num_steps
         last = store.params_at(t)
         for n, p in self._params:
-            if not torch.equal(p.detach().cpu().view(tensors.int_view_dtype(p.dtype)),
-                               last[n].view(tensors.int_view_dtype(p.dtype))):
+            if not torch.equal(
+                p.detach().cpu().view(tensors.int_view_dtype(p.dtype)),
+                last[n].view(tensors.int_view_dtype(p.dtype)),
+            ):
                 raise ModelMismatchError(
                     f"parameter {n!r} differs from the store's θ_{t}: restore the model first "
                     "with open_store(path).restore(model, optimizer)"
@@ -241,8 +265,14 @@ class Recorder:
         self._commit = store.commit
 
     def _param_groups(self) -> list[int]:
-        return [next(i for i, g in enumerate(self.optimizer.param_groups)
-                     if any(p is q for q in g["params"])) for _, p in self._params]
+        return [
+            next(
+                i
+                for i, g in enumerate(self.optimizer.param_groups)
+                if any(p is q for q in g["params"])
+            )
+            for _, p in self._params
+        ]
 
     # -- blocks ------------------------------------------------------------------------------
     @property
@@ -276,7 +306,12 @@ class Recorder:
         self._ghosts: list[np.ndarray] = []
         self._losses: list[Any] = []
         self._scalar_rows: dict[str, list[float]] = {
-            "timestamp": [], "duration": [], "batch_size": [], "ghost_size": [], "num_fixes": []}
+            "timestamp": [],
+            "duration": [],
+            "batch_size": [],
+            "ghost_size": [],
+            "num_fixes": [],
+        }
         self._hparam_rows: dict[str, list[float]] = {k: [] for k in self.meta.hparam_keys}
         self._fix_t: list[np.ndarray] = []
         self._fix_i: list[np.ndarray] = []
@@ -299,10 +334,14 @@ class Recorder:
             torch.cuda.current_stream(self.device).synchronize()
         bufs = self._bufs
         b.n = n
-        b.deltas = {name: tensors.to_numpy_view(bufs["deltas"][i][:n])
-                    for i, (name, _) in enumerate(self._params)}
-        b.states = {name: {k: tensors.to_numpy_view(v[:n]) for k, v in st.items()}
-                    for name, st in bufs["states"].items()}
+        b.deltas = {
+            name: tensors.to_numpy_view(bufs["deltas"][i][:n])
+            for i, (name, _) in enumerate(self._params)
+        }
+        b.states = {
+            name: {k: tensors.to_numpy_view(v[:n]) for k, v in st.items()}
+            for name, st in bufs["states"].items()
+        }
         b.hparams = {k: np.asarray(v, dtype=np.float64) for k, v in self._hparam_rows.items()}
         losses = [float("nan") if x is None else float(x) for x in self._losses]
         b.scalars = {"loss": np.asarray(losses, dtype=np.float64)}
@@ -339,7 +378,9 @@ class Recorder:
         ``labels`` their labels; ``ghost_ids`` examples used only for batch-norm statistics.
         """
         if self._writer is None:
-            raise RecorderError("use the Recorder as a context manager: `with Recorder(...) as rec:`")
+            raise RecorderError(
+                "use the Recorder as a context manager: `with Recorder(...) as rec:`"
+            )
         self._writer.raise_if_failed()
         if self._opt_steps != 1:
             n, self._opt_steps = self._opt_steps, 0
@@ -419,11 +460,13 @@ class Recorder:
             state = self.optimizer.state.get(p, {})
             if first:
                 self.meta.optim_state[name] = [
-                    ArrayInfo(str(k).replace("/", "_"), tuple(v.shape) if isinstance(v, torch.Tensor)
-                              else (), tensors.dtype_name(v.dtype) if isinstance(v, torch.Tensor)
-                              else "float64")
+                    ArrayInfo(
+                        str(k).replace("/", "_"),
+                        tuple(v.shape) if isinstance(v, torch.Tensor) else (),
+                        tensors.dtype_name(v.dtype) if isinstance(v, torch.Tensor) else "float64",
+                    )
                     for k, v in state.items()
-                    if isinstance(v, torch.Tensor) or isinstance(v, (int, float))
+                    if isinstance(v, (torch.Tensor, int, float))
                 ]
             specs = self.meta.optim_state.get(name, [])
             if len(specs) != sum(isinstance(v, (torch.Tensor, int, float)) for v in state.values()):
@@ -432,14 +475,17 @@ class Recorder:
                     f"({sorted(map(str, state))} vs {[s.name for s in specs]})"
                 )
             st = bufs["states"].setdefault(name, {})
-            for spec, (_, v) in zip(specs, ((k, v) for k, v in state.items()
-                                            if isinstance(v, (torch.Tensor, int, float))),
-                                    strict=True):
+            for spec, (_, v) in zip(
+                specs,
+                ((k, v) for k, v in state.items() if isinstance(v, (torch.Tensor, int, float))),
+                strict=True,
+            ):
                 buf = st.get(spec.name)
                 if buf is None:
                     dt = tensors.torch_dtype(spec.dtype)
-                    buf = st[spec.name] = torch.empty((self.steps_per_block, *spec.shape),
-                                                      dtype=dt, pin_memory=self._cuda)
+                    buf = st[spec.name] = torch.empty(
+                        (self.steps_per_block, *spec.shape), dtype=dt, pin_memory=self._cuda
+                    )
                 if isinstance(v, torch.Tensor):
                     buf[slot].copy_(v.detach(), non_blocking=self._cuda)
                 else:
@@ -451,9 +497,11 @@ class Recorder:
         if self._writer is None:
             return
         try:
-            if self._t % self.config_keyframe_every != 0 and (
-                not self._block.keyframes or self._block.keyframes[-1].step != self._t
-            ) and self._t > 0:
+            if (
+                self._t % self.config_keyframe_every != 0
+                and (not self._block.keyframes or self._block.keyframes[-1].step != self._t)
+                and self._t > 0
+            ):
                 self._block.keyframes.append(self._keyframe(self._t))
             self._flush()
         finally:
@@ -465,10 +513,8 @@ class Recorder:
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is not None and self._writer is not None:
             # keep what was recorded (it is valid), but never mask the training error
-            try:
+            with contextlib.suppress(Exception):
                 self.close()
-            except Exception:
-                pass
             return
         self.close()
 
@@ -476,8 +522,10 @@ class Recorder:
     def stats(self) -> dict[str, float]:
         """Writer statistics (raw bytes written, seconds the writer was busy)."""
         w = self._writer
-        return {"bytes_raw": float(w.bytes_raw) if w else math.nan,
-                "writer_seconds": w.seconds_busy if w else math.nan}
+        return {
+            "bytes_raw": float(w.bytes_raw) if w else math.nan,
+            "writer_seconds": w.seconds_busy if w else math.nan,
+        }
 
 
 def _mask(dtype: np.dtype) -> np.uint64:

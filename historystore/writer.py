@@ -80,8 +80,17 @@ def read_commit(group: zarr.Group) -> Commit:
     return Commit(**{k: int(attrs.get(k, 0)) for k in Commit.__dataclass_fields__})
 
 
-def _create(group: zarr.Group, path: str, row_shape: tuple[int, ...], dtype: str, *,
-            chunk_rows: int, shard_rows: int | None, codec: str, description: str) -> zarr.Array:
+def _create(
+    group: zarr.Group,
+    path: str,
+    row_shape: tuple[int, ...],
+    dtype: str,
+    *,
+    chunk_rows: int,
+    shard_rows: int | None,
+    codec: str,
+    description: str,
+) -> zarr.Array:
     dtype = layout.storage_dtype(dtype)
     kwargs: dict[str, Any] = {}
     if shard_rows is not None and shard_rows != chunk_rows:
@@ -106,57 +115,136 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
     for t in meta.tensors:
         enc = get_encoding(t.encoding, **t.encoding_params)
         for array, spec in enc.arrays(t.shape, t.dtype).items():
-            _create(group, layout.param_path(t.name, array), spec.shape, spec.dtype,
-                    chunk_rows=t.chunk_steps, shard_rows=steps_per_block, codec=t.codec,
-                    description=f"encoding {t.encoding!r} array {array!r} of Δ_t = θ_(t+1) − θ_t "
-                    f"for parameter {t.name!r}, one row per step")
-        _create(group, layout.keyframe_path(t.name), t.shape, t.dtype, chunk_rows=1,
-                shard_rows=None, codec=rc["state_codec"],
-                description=f"θ_t of {t.name!r} at the steps in /keyframe_steps (exact)")
+            _create(
+                group,
+                layout.param_path(t.name, array),
+                spec.shape,
+                spec.dtype,
+                chunk_rows=t.chunk_steps,
+                shard_rows=steps_per_block,
+                codec=t.codec,
+                description=f"encoding {t.encoding!r} array {array!r} of Δ_t = θ_(t+1) − θ_t "
+                f"for parameter {t.name!r}, one row per step",
+            )
+        _create(
+            group,
+            layout.keyframe_path(t.name),
+            t.shape,
+            t.dtype,
+            chunk_rows=1,
+            shard_rows=None,
+            codec=rc["state_codec"],
+            description=f"θ_t of {t.name!r} at the steps in /keyframe_steps (exact)",
+        )
     for b in meta.buffers:
-        _create(group, layout.buffer_path(b.name), b.shape, b.dtype, chunk_rows=1,
-                shard_rows=None, codec=rc["state_codec"],
-                description=f"module buffer {b.name!r} at the steps in /keyframe_steps")
-    _create(group, "keyframe_steps", (), "int64", chunk_rows=layout.SCALAR_CHUNK,
-            shard_rows=None, codec=codecs.DEFAULT_INT_CODEC,
-            description="steps t at which keyframes hold θ_t (0 = initial weights)")
+        _create(
+            group,
+            layout.buffer_path(b.name),
+            b.shape,
+            b.dtype,
+            chunk_rows=1,
+            shard_rows=None,
+            codec=rc["state_codec"],
+            description=f"module buffer {b.name!r} at the steps in /keyframe_steps",
+        )
+    _create(
+        group,
+        "keyframe_steps",
+        (),
+        "int64",
+        chunk_rows=layout.SCALAR_CHUNK,
+        shard_rows=None,
+        codec=codecs.DEFAULT_INT_CODEC,
+        description="steps t at which keyframes hold θ_t (0 = initial weights)",
+    )
     for name, (dtype, desc) in layout.STEP_SCALARS.items():
-        _create(group, f"steps/{name}", (), dtype, chunk_rows=layout.SCALAR_CHUNK,
-                shard_rows=None, codec=codecs.DEFAULT_INT_CODEC, description=desc)
-    _create(group, "steps/theta_crc", (len(meta.tensors),), "uint64",
-            chunk_rows=layout.SCALAR_CHUNK, shard_rows=None, codec=codecs.DEFAULT_INT_CODEC,
-            description="2**32 + crc32 of each tensor's θ_(t+1) bytes at the last step of every "
-            "written block (0 elsewhere): verify checks replay against it")
-    _create(group, "steps/nonfinite", (len(meta.tensors),), "int32",
-            chunk_rows=layout.SCALAR_CHUNK, shard_rows=None, codec=codecs.DEFAULT_INT_CODEC,
-            description="NaN/inf count of each tensor's delta per step (tensor order as in "
-            "the 'tensors' table)")
+        _create(
+            group,
+            f"steps/{name}",
+            (),
+            dtype,
+            chunk_rows=layout.SCALAR_CHUNK,
+            shard_rows=None,
+            codec=codecs.DEFAULT_INT_CODEC,
+            description=desc,
+        )
+    _create(
+        group,
+        "steps/theta_crc",
+        (len(meta.tensors),),
+        "uint64",
+        chunk_rows=layout.SCALAR_CHUNK,
+        shard_rows=None,
+        codec=codecs.DEFAULT_INT_CODEC,
+        description="2**32 + crc32 of each tensor's θ_(t+1) bytes at the last step of every "
+        "written block (0 elsewhere): verify checks replay against it",
+    )
+    _create(
+        group,
+        "steps/nonfinite",
+        (len(meta.tensors),),
+        "int32",
+        chunk_rows=layout.SCALAR_CHUNK,
+        shard_rows=None,
+        codec=codecs.DEFAULT_INT_CODEC,
+        description="NaN/inf count of each tensor's delta per step (tensor order as in "
+        "the 'tensors' table)",
+    )
     for key in meta.hparam_keys:
-        _create(group, layout.hparam_path(key), (), "float64", chunk_rows=layout.SCALAR_CHUNK,
-                shard_rows=None, codec=codecs.DEFAULT_INT_CODEC,
-                description=f"optimizer hyperparameter {key} (param group.key) at each step")
+        _create(
+            group,
+            layout.hparam_path(key),
+            (),
+            "float64",
+            chunk_rows=layout.SCALAR_CHUNK,
+            shard_rows=None,
+            codec=codecs.DEFAULT_INT_CODEC,
+            description=f"optimizer hyperparameter {key} (param group.key) at each step",
+        )
     for path, (dtype, desc) in layout.RAGGED.items():
-        _create(group, path, (), dtype, chunk_rows=layout.RAGGED_CHUNK, shard_rows=None,
-                codec=codecs.DEFAULT_INT_CODEC, description=desc)
+        _create(
+            group,
+            path,
+            (),
+            dtype,
+            chunk_rows=layout.RAGGED_CHUNK,
+            shard_rows=None,
+            codec=codecs.DEFAULT_INT_CODEC,
+            description=desc,
+        )
     c = group.create_group("commit")
-    c.attrs.update({**Commit().__dict__, "description": "committed counts: readers trust "
-                    "only these; rewritten after each block's data"})
+    c.attrs.update(
+        {
+            **Commit().__dict__,
+            "description": "committed counts: readers trust "
+            "only these; rewritten after each block's data",
+        }
+    )
 
 
-def create_state_arrays(group: zarr.Group, meta: RunMeta, steps_per_block: int,
-                        chunk_bytes: int) -> None:
+def create_state_arrays(
+    group: zarr.Group, meta: RunMeta, steps_per_block: int, chunk_bytes: int
+) -> None:
     """Optimizer state arrays, created when the first step reveals the state's layout."""
     for name, specs in meta.optim_state.items():
         for s in specs:
             path = layout.optim_path(name, s.name)
             if path in group:
                 continue
-            step_bytes = int(np.prod(s.shape, dtype=np.int64)) * np.dtype(
-                layout.storage_dtype(s.dtype)).itemsize
-            _create(group, path, s.shape, s.dtype,
-                    chunk_rows=layout.chunk_steps_for(step_bytes, steps_per_block, chunk_bytes),
-                    shard_rows=steps_per_block, codec=meta.recorder["state_codec"],
-                    description=f"optimizer state {s.name!r} of {name!r} after step t")
+            step_bytes = (
+                int(np.prod(s.shape, dtype=np.int64))
+                * np.dtype(layout.storage_dtype(s.dtype)).itemsize
+            )
+            _create(
+                group,
+                path,
+                s.shape,
+                s.dtype,
+                chunk_rows=layout.chunk_steps_for(step_bytes, steps_per_block, chunk_bytes),
+                shard_rows=steps_per_block,
+                codec=meta.recorder["state_codec"],
+                description=f"optimizer state {s.name!r} of {name!r} after step t",
+            )
 
 
 class BlockWriter:
@@ -166,7 +254,9 @@ class BlockWriter:
         self.group = group
         self.meta = meta
         self.commit = commit
-        self._encodings = {t.name: get_encoding(t.encoding, **t.encoding_params) for t in meta.tensors}
+        self._encodings = {
+            t.name: get_encoding(t.encoding, **t.encoding_params) for t in meta.tensors
+        }
         self._queue: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._arrays: dict[str, zarr.Array] = {}
@@ -239,11 +329,18 @@ class BlockWriter:
         if t0 != c.num_steps:
             raise RecorderError(f"block starts at step {t0} but {c.num_steps} steps are committed")
         if n:
-            if any(layout.optim_path(name, s.name) not in self._arrays and
-                   layout.optim_path(name, s.name) not in self.group
-                   for name, specs in self.meta.optim_state.items() for s in specs):
-                create_state_arrays(self.group, self.meta, self.meta.recorder["steps_per_block"],
-                                    self.meta.recorder["chunk_bytes"])
+            if any(
+                layout.optim_path(name, s.name) not in self._arrays
+                and layout.optim_path(name, s.name) not in self.group
+                for name, specs in self.meta.optim_state.items()
+                for s in specs
+            ):
+                create_state_arrays(
+                    self.group,
+                    self.meta,
+                    self.meta.recorder["steps_per_block"],
+                    self.meta.recorder["chunk_bytes"],
+                )
                 self.group.attrs.update({layout.ATTR_KEY: self.meta.to_json()})
             nonfinite = np.zeros((n, len(self.meta.tensors)), dtype=np.int32)
             for i, t in enumerate(self.meta.tensors):
@@ -276,7 +373,8 @@ class BlockWriter:
         new = Commit(
             num_steps=t0 + n,
             num_ids=c.num_ids + (0 if block.ids is None else len(block.ids)),
-            num_ghost_ids=c.num_ghost_ids + (0 if block.ghost_ids is None else len(block.ghost_ids)),
+            num_ghost_ids=c.num_ghost_ids
+            + (0 if block.ghost_ids is None else len(block.ghost_ids)),
             num_fixes=c.num_fixes + (0 if block.fix_index is None else len(block.fix_index)),
             num_keyframes=c.num_keyframes + len(block.keyframes),
         )

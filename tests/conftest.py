@@ -32,20 +32,32 @@ def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     raise ValueError(kind)
 
 
-def record_run(path: Path, kind: str, steps: int, data: Digits, *, batch: int = 32,
-               config: hs.RecorderConfig | None = None, seed: int = 0,
-               scheduler: bool = False, last_batch: int | None = None) -> Run:
+def record_run(
+    path: Path,
+    kind: str,
+    steps: int,
+    data: Digits,
+    *,
+    batch: int = 32,
+    config: hs.RecorderConfig | None = None,
+    seed: int = 0,
+    scheduler: bool = False,
+    last_batch: int | None = None,
+) -> Run:
     torch.manual_seed(seed)
     model = DigitsCNN(channels=8, hidden=32)
     opt = make_optimizer(kind, model)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5) if scheduler else None
     g = torch.Generator().manual_seed(seed)
-    run = Run(path, [{n: p.detach().clone() for n, p in model.named_parameters()}], {}, [], [],
-              [], [])
-    names = dict(zip(map(id, model.parameters()), (n for n, _ in model.named_parameters()),
-                     strict=True))
-    with hs.Recorder(path, model, opt, config or hs.RecorderConfig(keyframe_every=32),
-                     run_config={"kind": kind}) as rec:
+    run = Run(
+        path, [{n: p.detach().clone() for n, p in model.named_parameters()}], {}, [], [], [], []
+    )
+    names = dict(
+        zip(map(id, model.parameters()), (n for n, _ in model.named_parameters()), strict=True)
+    )
+    with hs.Recorder(
+        path, model, opt, config or hs.RecorderConfig(keyframe_every=32), run_config={"kind": kind}
+    ) as rec:
         for t in range(steps):
             b = last_batch if (last_batch and t == steps - 1) else batch
             idx = torch.randperm(len(data.y_train), generator=g)[:b]
@@ -62,9 +74,12 @@ def record_run(path: Path, kind: str, steps: int, data: Digits, *, batch: int = 
             run.labels.append(data.y_train[idx])
             run.losses.append(loss.item())
             if t % 7 == 0:
-                run.states[t] = {names[id(p)]: {k: v.clone() for k, v in s.items()
-                                                if isinstance(v, torch.Tensor)}
-                                 for p, s in opt.state.items()}
+                run.states[t] = {
+                    names[id(p)]: {
+                        k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)
+                    }
+                    for p, s in opt.state.items()
+                }
     return run
 
 
@@ -74,7 +89,8 @@ def digits() -> Digits:
 
 
 @pytest.fixture(scope="session", params=["sgd", "adamw"])
-def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-        digits: Digits) -> Run:
+def run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, digits: Digits
+) -> Run:
     path = tmp_path_factory.mktemp(request.param) / "run.zarr"
     return record_run(path, request.param, 120, digits, last_batch=13)

@@ -27,8 +27,13 @@ from .conftest import record_run
 
 @pytest.fixture
 def small(tmp_path, digits):
-    return record_run(tmp_path / "small.zarr", "sgd", 40, digits,
-                      config=hs.RecorderConfig(keyframe_every=16, steps_per_block=8))
+    return record_run(
+        tmp_path / "small.zarr",
+        "sgd",
+        40,
+        digits,
+        config=hs.RecorderConfig(keyframe_every=16, steps_per_block=8),
+    )
 
 
 def _train_step(model, opt, digits, n=16):
@@ -65,7 +70,10 @@ def test_newer_schema_is_refused(small):
 def test_existing_path_is_not_overwritten_silently(small, digits):
     model = DigitsCNN(channels=8, hidden=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(hs.RecorderError, match="already exists"), hs.Recorder(small.path, model, opt):
+    with (
+        pytest.raises(hs.RecorderError, match="already exists"),
+        hs.Recorder(small.path, model, opt),
+    ):
         pass
     assert hs.open_store(small.path).num_steps == 40  # nothing lost
 
@@ -157,8 +165,12 @@ def test_writer_errors_reach_the_training_loop(tmp_path, digits, monkeypatch):
     model = DigitsCNN(channels=8, hidden=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "w.zarr"
-    with pytest.raises(hs.RecorderError, match="disk full"), hs.Recorder(
-            path, model, opt, hs.RecorderConfig(keyframe_every=8, steps_per_block=4)) as rec:
+    with (
+        pytest.raises(hs.RecorderError, match="disk full"),
+        hs.Recorder(
+            path, model, opt, hs.RecorderConfig(keyframe_every=8, steps_per_block=4)
+        ) as rec,
+    ):
         for _ in range(40):
             idx, loss = _train_step(model, opt, digits)
             rec.step(idx, loss=loss)

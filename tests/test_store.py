@@ -118,8 +118,9 @@ def test_restore_then_resume_continues_the_run_exactly(tmp_path, digits) -> None
     with hs.Recorder(part, model, opt, resume=True) as rec:
         for _ in range(15):
             idx = torch.randperm(len(digits.y_train), generator=g)[:32]
-            loss = torch.nn.functional.cross_entropy(model(digits.x_train[idx]),
-                                                     digits.y_train[idx])
+            loss = torch.nn.functional.cross_entropy(
+                model(digits.x_train[idx]), digits.y_train[idx]
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -25,6 +25,6 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Digits:
     x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
     y = torch.tensor(d.target, dtype=torch.long)
     perm = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(len(y) * test_fraction))
+    n_test = round(len(y) * test_fraction)
     te, tr = perm[:n_test], perm[n_test:]
     return Digits(x[tr], y[tr], x[te], y[te])

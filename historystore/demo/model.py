@@ -7,8 +7,9 @@ from torch import nn
 
 
 class DigitsCNN(nn.Module):
-    def __init__(self, channels: int = 16, hidden: int = 64, batch_norm: bool = False,
-                 ghost: bool = False) -> None:
+    def __init__(
+        self, channels: int = 16, hidden: int = 64, batch_norm: bool = False, ghost: bool = False
+    ) -> None:
         super().__init__()
         bn2d: type[nn.Module] = nn.BatchNorm2d
         bn1d: type[nn.Module] = nn.BatchNorm1d

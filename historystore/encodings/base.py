@@ -46,7 +46,9 @@ class Encoding(ABC):
     def encode(self, block: np.ndarray) -> dict[str, np.ndarray]:
         """Encode dense deltas ``[steps, *shape]`` into the arrays of :meth:`arrays`."""
 
-    def decode(self, arrays: dict[str, np.ndarray], shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    def decode(
+        self, arrays: dict[str, np.ndarray], shape: tuple[int, ...], dtype: str
+    ) -> np.ndarray:
         """Dense deltas ``[steps, *shape]`` from stored arrays (if ``"dense"`` is supported)."""
         raise EncodingError(f"encoding {self.name!r} cannot give a dense delta")
 

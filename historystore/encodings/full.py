@@ -19,5 +19,7 @@ class FullEncoding(Encoding):
     def encode(self, block: np.ndarray) -> dict[str, np.ndarray]:
         return {"delta": block}
 
-    def decode(self, arrays: dict[str, np.ndarray], shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    def decode(
+        self, arrays: dict[str, np.ndarray], shape: tuple[int, ...], dtype: str
+    ) -> np.ndarray:
         return arrays["delta"]
