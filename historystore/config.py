@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from . import codecs
+from .encodings import EncodingRule
 
 MiB = 1 << 20
 
@@ -26,6 +27,8 @@ class RecorderConfig:
         path-kernel methods); "none" records none.
     codec / state_codec: codec presets (see :mod:`historystore.codecs`) for deltas and for
         optimizer state and keyframes.
+    encodings: rules choosing each tensor's delta encoding, first match wins (default: all
+        ``full``, lossless); see :mod:`historystore.encodings.policy`.
     """
 
     keyframe_every: int = 256
@@ -36,6 +39,7 @@ class RecorderConfig:
     optimizer_state: Literal["every_step", "none"] = "every_step"
     codec: str = codecs.DEFAULT_CODEC
     state_codec: str = codecs.DEFAULT_CODEC
+    encodings: tuple[EncodingRule, ...] = ()
 
     def __post_init__(self) -> None:
         if self.keyframe_every < 1:
@@ -56,6 +60,9 @@ class RecorderConfig:
             raise ValueError(
                 f"optimizer_state must be 'every_step' or 'none', got {self.optimizer_state!r}"
             )
+        if not all(isinstance(r, EncodingRule) for r in self.encodings):
+            raise TypeError("encodings must be a tuple of EncodingRule")
+        object.__setattr__(self, "encodings", tuple(self.encodings))
         codecs.validate(self.codec)
         codecs.validate(self.state_codec)
 

@@ -37,7 +37,7 @@ def committed_arrays(store: HistoryStore) -> dict[str, int]:
     m, c, T = store.meta, store.commit, store.num_steps
     out: dict[str, int] = {}
     for t in m.tensors:
-        for a in store.encodings[t.name].arrays(t.shape, t.dtype):
+        for a in store.encodings[t.name].arrays():
             out[layout.param_path(t.name, a)] = T
         out[layout.keyframe_path(t.name)] = c.num_keyframes
     for b in m.buffers:
@@ -50,6 +50,7 @@ def committed_arrays(store: HistoryStore) -> dict[str, int]:
         out[f"steps/{k}"] = T
     out["steps/nonfinite"] = T
     out["steps/theta_crc"] = T
+    out["steps/encoding_error"] = T
     for k in m.hparam_keys:
         out[layout.hparam_path(k)] = T
     for path in layout.RAGGED:
@@ -66,19 +67,22 @@ def info(path: str) -> dict[str, Any]:
     store = open_store(path)
     m = store.meta
     tensors_out = []
-    raw_total = 0
-    for t in m.tensors:
-        raw = 0
+    errors = store.encoding_error()
+    encoded_paths = set()
+    for i, t in enumerate(m.tensors):
         stored = 0
-        for a in store.encodings[t.name].arrays(t.shape, t.dtype):
+        for a in store.encodings[t.name].arrays():
             p = layout.param_path(t.name, a)
-            raw += (
-                store.num_steps * t.nbytes
-                if a == "delta"
-                else store.num_steps * _row_bytes(store.group[p])
-            )
+            encoded_paths.add(p)
             stored += _du(os.path.join(path, p))
         dense_raw = store.num_steps * t.nbytes
+        err = {}
+        for j, what in enumerate(("delta", "theta")):
+            e = errors[:, i, j] if errors.size else np.zeros(0)
+            e = e[np.isfinite(e)]
+            if e.size:
+                err[f"{what}_rel_error_mean"] = float(e.mean())
+                err[f"{what}_rel_error_max"] = float(e.max())
         tensors_out.append(
             {
                 "name": t.name,
@@ -87,22 +91,20 @@ def info(path: str) -> dict[str, Any]:
                 "encoding": t.encoding,
                 "encoding_params": t.encoding_params,
                 "encoding_reason": t.encoding_reason,
+                "lossless": store.encodings[t.name].lossless,
                 "codec": t.codec,
                 "chunk_steps": t.chunk_steps,
                 "bytes_raw": dense_raw,
                 "bytes_stored": stored,
                 "ratio": dense_raw / stored if stored else math.nan,
+                **err,
             }
         )
+    # raw = every array uncompressed, with each delta counted as a dense tensor
+    raw_total = sum(t["bytes_raw"] for t in tensors_out)
     for p, rows in committed_arrays(store).items():
-        arr = store.group[p]
-        raw_total += rows * _row_bytes(arr)
-    # encodings may store less than a dense delta: count the dense float size as "raw"
-    raw_total += sum(t["bytes_raw"] for t in tensors_out) - sum(
-        store.num_steps * _row_bytes(store.group[layout.param_path(t.name, a)])
-        for t in m.tensors
-        for a in store.encodings[t.name].arrays(t.shape, t.dtype)
-    )
+        if p not in encoded_paths:
+            raw_total += rows * _row_bytes(store.group[p])
     stored_total = _du(path)
     nf = store.nonfinite()
     bad_steps = np.flatnonzero(nf.sum(axis=1)) if nf.size else np.zeros(0, dtype=np.int64)
@@ -204,9 +206,12 @@ def _verify_data(
 ) -> None:
     from tqdm.auto import tqdm
 
-    # every non-delta array: read in full (checksums)
+    names = store.tensor_names
+    dense = [n for n in names if "dense" in store.encodings[n].capabilities]
+    replayed = {layout.param_path(n, a) for n in dense for a in store.encodings[n].arrays()}
+    # every array that replay does not read: read in full (chunk checksums)
     for p, rows in arrays.items():
-        if p.startswith("params/") and not p.endswith("/keyframes"):
+        if p in replayed:
             continue
         arr = store.group[p]
         step = max(1, arr.chunks[0]) * 8
@@ -228,8 +233,7 @@ def _verify_data(
         )
     lossless = {t.name for t in store.meta.tensors if store.encodings[t.name].lossless}
     crc = store.group["steps/theta_crc"][: store.num_steps]
-    names = store.tensor_names
-    theta = store.keyframe(0)
+    theta = store.keyframe(0, dense)
     bar = tqdm(total=store.num_steps, desc="verify", unit="step", disable=not progress, leave=False)
     for k in range(1, len(kf_steps)):
         a, b = kf_steps[k - 1], kf_steps[k]
@@ -241,10 +245,11 @@ def _verify_data(
                     f"deltas of steps {b0}-{b1 - 1} cannot be read: {e!r}"
                 ) from e
             bar.update(b1 - b0)
-            for i in np.flatnonzero(crc[b0:b1, 0]):
+            for i in np.flatnonzero(crc[b0:b1].any(axis=1)):
                 step = b0 + int(i) + 1
                 for j, name in enumerate(names):
-                    if name in lossless and tensors.crc_marker(theta[name]) != int(crc[b0 + i, j]):
+                    want = int(crc[b0 + i, j])
+                    if want and name in theta and tensors.crc_marker(theta[name]) != want:
                         report.fail(
                             f"replay of {name!r} to step {step} does not match its "
                             "recorded checksum: deltas or fixes before it are corrupt"
@@ -254,7 +259,7 @@ def _verify_data(
                 report.checkpoints_checked += 1
         if k >= len(store.keyframe_steps):
             break
-        expected = store.keyframe(k)
+        expected = store.keyframe(k, dense)
         for name in lossless:
             it = tensors.int_view_dtype(theta[name].dtype)
             diff = theta[name].view(it) != expected[name].view(it)
@@ -271,13 +276,10 @@ def _verify_data(
             theta[name] = expected[name].clone()
         report.keyframes_checked += 1
     bar.close()
-    report.arrays_checked += sum(
-        1 for p in arrays if p.startswith("params/") and not p.endswith("/keyframes")
-    )
+    report.arrays_checked += len(replayed)
     nf = store.nonfinite()
     if nf.size and nf.any():
         steps, cols = np.nonzero(nf)
-        names = store.tensor_names
         report.warnings.append(
             f"non-finite values (NaN/inf) in the deltas of {len(np.unique(steps))} steps, first "
             f"at step {int(steps[0])} in tensor {names[int(cols[0])]!r}"

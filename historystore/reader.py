@@ -18,7 +18,7 @@ import zarr
 
 from . import layout, tensors
 from .encodings import Encoding, get_encoding
-from .errors import CorruptStoreError, ModelMismatchError, NotAStoreError
+from .errors import CorruptStoreError, EncodingError, ModelMismatchError, NotAStoreError
 from .layout import RunMeta, TensorInfo
 from .writer import Commit, read_commit
 
@@ -53,7 +53,7 @@ class StepBlock:
     offsets: np.ndarray
     lr: dict[str, np.ndarray]
     loss: np.ndarray
-    raw: dict[str, dict[str, np.ndarray]] | None = None
+    raw: dict[str, dict[str, torch.Tensor]] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -76,7 +76,8 @@ class HistoryStore:
         self.tensor_names = [t.name for t in meta.tensors]
         self._index = {t.name: i for i, t in enumerate(meta.tensors)}
         self.encodings: dict[str, Encoding] = {
-            t.name: get_encoding(t.encoding, **t.encoding_params) for t in meta.tensors
+            t.name: get_encoding(t.encoding, t.shape, t.dtype, **t.encoding_params)
+            for t in meta.tensors
         }
         T = self.num_steps
         self._scalars = {k: self._read(f"steps/{k}", 0, T) for k in layout.STEP_SCALARS}
@@ -181,20 +182,25 @@ class HistoryStore:
         return self._hparams.get(f"g{g}.lr", np.full(self.num_steps, np.nan))
 
     # -- random access -----------------------------------------------------------------------
-    def _encoded(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
-        t = self.meta.tensor(name)
+    def encoded(self, name: str, start: int, stop: int,
+                device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The encoding's native arrays of steps [start, stop) (factors, sketches, ...)."""
         enc = self.encodings[name]
-        return {
-            a: self._read(layout.param_path(name, a), start, stop)
-            for a in enc.arrays(t.shape, t.dtype)
-        }
+        out = {}
+        for a, spec in enc.arrays().items():
+            x = tensors.from_numpy(self._read(layout.param_path(name, a), start, stop), spec.dtype)
+            dev = torch.device(device)
+            if dev.type == "cuda":
+                x = x.pin_memory().to(dev, non_blocking=True)
+            out[a] = x
+        return out
 
-    def _dense(self, name: str, start: int, stop: int) -> torch.Tensor:
-        t = self.meta.tensor(name)
+    def _dense(self, name: str, start: int, stop: int,
+               device: str | torch.device = "cpu") -> torch.Tensor:
+        """Dense deltas, decoded on ``device`` (fewer bytes cross to a GPU for compact forms)."""
         enc = self.encodings[name]
         enc.require("dense")
-        arr = enc.decode(self._encoded(name, start, stop), t.shape, t.dtype)
-        return tensors.from_numpy(arr, t.dtype)
+        return enc.decode_block(self.encoded(name, start, stop, device))
 
     def delta(self, t: int, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Δ_t = θ_{t+1} − θ_t as stored (dense), keyed like ``model.named_parameters()``."""
@@ -235,6 +241,14 @@ class HistoryStore:
         t = self._check_step(t, self.num_steps)
         names = self._names(names)
         k = int(np.searchsorted(self.keyframe_steps, t, side="right") - 1)
+        if t != self.keyframe_steps[k]:
+            for n in names:
+                enc = self.encodings[n]
+                if "dense" not in enc.capabilities:
+                    raise EncodingError(
+                        f"θ_{t} of {n!r} cannot be rebuilt: its encoding {enc.name!r} cannot be "
+                        f"decoded, so θ is known only at keyframes {self.keyframe_steps.tolist()}"
+                    )
         theta = {n: v.to(device) for n, v in self.keyframe(k, names).items()}
         self.replay(theta, int(self.keyframe_steps[k]), t)
         return theta
@@ -247,7 +261,7 @@ class HistoryStore:
         for b0 in range(start, stop, spb):
             b1 = min(stop, (b0 // spb + 1) * spb)
             off, ften, fidx, fbits = self.fixes(b0, b1)
-            deltas = {n: self._dense(n, b0, b1).to(theta[n].device) for n in theta}
+            deltas = {n: self._dense(n, b0, b1, theta[n].device) for n in theta}
             for i in range(b1 - b0):
                 for n, th in theta.items():
                     th.add_(deltas[n][i])
@@ -323,19 +337,15 @@ class HistoryStore:
         dev = tensors.auto_device(device)
         ids, labels, offsets = self.batches(start, stop)
         deltas: dict[str, torch.Tensor] = {}
-        raws: dict[str, dict[str, np.ndarray]] = {}
+        raws: dict[str, dict[str, torch.Tensor]] = {}
         for n in names:
-            if raw or not dense:
-                raws[n] = self._encoded(n, start, stop)
             if dense:
-                t = self.meta.tensor(n)
-                enc = self.encodings[n]
-                enc.require("dense")
-                arrs = raws[n] if n in raws else self._encoded(n, start, stop)
-                x = tensors.from_numpy(enc.decode(arrs, t.shape, t.dtype), t.dtype)
-                if dev.type == "cuda":
-                    x = x.pin_memory().to(dev, non_blocking=True)
-                deltas[n] = x
+                self.encodings[n].require("dense")
+            arrays = self.encoded(n, start, stop, dev)
+            if raw or not dense:
+                raws[n] = arrays
+            if dense:
+                deltas[n] = self.encodings[n].decode_block(arrays)
         lr = {n: self.lr(n)[start:stop] for n in names}
         return StepBlock(
             start,
@@ -445,6 +455,11 @@ class HistoryStore:
                     )
                 elif isinstance(value, tuple) and f"g{i}.{key}.0" in hp:
                     g[key] = tuple(hp[f"g{i}.{key}.{j}"] for j in range(len(value)))
+
+    def encoding_error(self) -> np.ndarray:
+        """[steps, tensors, 2] relative error of each decoded Δ_t and of the replayed θ_(t+1)
+        (NaN for lossless tensors and for encodings that cannot be decoded)."""
+        return self._read("steps/encoding_error", 0, self.num_steps)
 
     def nonfinite(self) -> np.ndarray:
         """[steps, tensors] NaN/inf counts of the deltas."""

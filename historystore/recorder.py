@@ -23,6 +23,7 @@ import zarr
 
 from . import layout, tensors
 from .config import RecorderConfig
+from .encodings import Encoding, StepContext, get_encoding, resolve
 from .errors import ModelMismatchError, NotAStoreError, RecorderError
 from .layout import ArrayInfo, RunMeta, TensorInfo
 from .writer import Block, BlockWriter, Commit, Keyframe, create_layout
@@ -130,6 +131,7 @@ class Recorder:
         self._hook: Any = None
         self._opt_steps = 0
         self._entered = False
+        self._broken: BaseException | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def _named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -165,7 +167,25 @@ class Recorder:
         else:
             self._create_new()
         self._group_of = self._param_groups()
+        self._encs: list[Encoding] = [
+            get_encoding(t.encoding, t.shape, t.dtype, **t.encoding_params)
+            for t in self.meta.tensors
+        ]
+        # θ as the reader will replay it: the true θ (lossless), θ̂ (feedback encodings: _prev
+        # itself), a separate running sum of decoded deltas (other dense encodings), or none
         self._prev = [p.detach().clone() for _, p in self._params]
+        self._recon = [
+            p.detach().clone()
+            if not e.lossless and not e.feedback and "dense" in e.capabilities
+            else None
+            for e, (_, p) in zip(self._encs, self._params, strict=True)
+        ]
+        modules = dict(self.model.named_modules())
+        self._io = {
+            i: _IOCapture(modules[n.rpartition(".")[0]])
+            for i, ((n, _), e) in enumerate(zip(self._params, self._encs, strict=True))
+            if e.needs_io
+        }
         self._scratch = [torch.empty_like(p) for _, p in self._params]
         self._int_dtypes = [tensors.int_view_dtype(p.dtype) for _, p in self._params]
         self._writer = BlockWriter(
@@ -195,15 +215,26 @@ class Recorder:
             step_bytes *= 3  # a typical optimizer keeps about two state tensors per parameter
         spb = cfg.resolve_steps_per_block(step_bytes)
         infos = []
+        modules = dict(self.model.named_modules())
         for n, p in self._params:
-            nbytes = p.numel() * p.element_size()
+            dtype = tensors.dtype_name(p.dtype)
+            enc_name, params, reason = resolve(
+                cfg.encodings, n, p, modules.get(n.rpartition(".")[0]), self.optimizer
+            )
+            enc = get_encoding(enc_name, tuple(p.shape), dtype, **params)
+            nbytes = sum(
+                int(np.prod(a.shape, dtype=np.int64))
+                * np.dtype(layout.storage_dtype(a.dtype)).itemsize
+                for a in enc.arrays().values()
+            )
             infos.append(
                 TensorInfo(
                     name=n,
                     shape=tuple(p.shape),
-                    dtype=tensors.dtype_name(p.dtype),
-                    encoding="full",
-                    encoding_reason="default (lossless)",
+                    dtype=dtype,
+                    encoding=enc_name,
+                    encoding_params=enc.params(),
+                    encoding_reason=reason,
                     codec=cfg.codec,
                     chunk_steps=layout.chunk_steps_for(nbytes, spb, cfg.chunk_bytes),
                 )
@@ -292,7 +323,13 @@ class Recorder:
             return torch.empty((spb, *shape), dtype=dtype, pin_memory=pin)
 
         return {
-            "deltas": [empty(tuple(p.shape), p.dtype) for _, p in self._params],
+            "arrays": [
+                {
+                    a: empty(spec.shape, tensors.torch_dtype(spec.dtype))
+                    for a, spec in enc.arrays().items()
+                }
+                for enc in self._encs
+            ],
             "states": {},
         }
 
@@ -316,6 +353,7 @@ class Recorder:
         self._fix_t: list[np.ndarray] = []
         self._fix_i: list[np.ndarray] = []
         self._fix_b: list[np.ndarray] = []
+        self._err_rows: list[np.ndarray] = []
         self._block_end = (t0 // self.steps_per_block + 1) * self.steps_per_block
 
     def _keyframe(self, step: int) -> Keyframe:
@@ -334,10 +372,15 @@ class Recorder:
             torch.cuda.current_stream(self.device).synchronize()
         bufs = self._bufs
         b.n = n
-        b.deltas = {
-            name: tensors.to_numpy_view(bufs["deltas"][i][:n])
+        b.arrays = {
+            name: {a: tensors.to_numpy_view(v[:n]) for a, v in bufs["arrays"][i].items()}
             for i, (name, _) in enumerate(self._params)
         }
+        b.enc_error = (
+            np.stack(self._err_rows).astype(np.float32)
+            if n
+            else np.zeros((0, len(self._params), 2), dtype=np.float32)
+        )
         b.states = {
             name: {k: tensors.to_numpy_view(v[:n]) for k, v in st.items()}
             for name, st in bufs["states"].items()
@@ -355,7 +398,10 @@ class Recorder:
         b.fix_bits = _cat(self._fix_b, np.uint64)
         b.theta_crc = np.zeros((n, len(self._params)), dtype=np.uint64)
         if n:
-            b.theta_crc[n - 1] = [tensors.crc_marker(p) for p in self._prev]
+            b.theta_crc[n - 1] = [
+                0 if "dense" not in e.capabilities else tensors.crc_marker(r if r is not None else p)
+                for e, r, p in zip(self._encs, self._recon, self._prev, strict=True)
+            ]
         b.release = lambda bufs=bufs: self._pool.put(bufs)
         assert self._writer is not None
         self._writer.submit(b)
@@ -403,29 +449,26 @@ class Recorder:
         slot = self._slot
         bufs = self._bufs
         nfix = 0
-        with torch.no_grad():
-            for i, (_, p) in enumerate(self._params):
-                cur = p.detach()
-                prev = self._prev[i]
-                row = bufs["deltas"][i][slot]
-                if self._cuda:
-                    delta = torch.sub(cur, prev)
-                    row.copy_(delta, non_blocking=True)
-                else:
-                    delta = torch.sub(cur, prev, out=row)
-                recon = torch.add(prev, delta, out=self._scratch[i])
-                it = self._int_dtypes[i]
-                bad = recon.view(it).ne(cur.view(it)).view(-1)
-                if bad.any():
-                    idx = bad.nonzero().view(-1)
-                    bits = cur.reshape(-1)[idx].view(it).cpu().numpy()
-                    self._fix_t.append(np.full(len(idx), i, dtype=np.int32))
-                    self._fix_i.append(idx.cpu().numpy().astype(np.int64))
-                    self._fix_b.append(bits.astype(np.uint64) & _mask(bits.dtype))
-                    nfix += len(idx)
-                prev.copy_(cur)
-            if self.meta.recorder["optimizer_state"] == "every_step":
-                self._capture_state(slot)
+        errors = np.full((len(self._params), 2), np.nan, dtype=np.float32)
+        if self._broken is not None:
+            raise RecorderError(
+                f"the recorder stopped at step {self._t} after an error ({self._broken!r}); "
+                "steps before it are in the store"
+            )
+        try:
+            with torch.no_grad():
+                for i, (_, p) in enumerate(self._params):
+                    if self._encs[i].lossless:
+                        row = bufs["arrays"][i]["delta"][slot]
+                        nfix += self._record_lossless(i, p.detach(), row)
+                    else:
+                        self._record_lossy(i, p.detach(), bufs["arrays"][i], slot, errors)
+                if self.meta.recorder["optimizer_state"] == "every_step":
+                    self._capture_state(slot)
+        except BaseException as e:
+            # part of this step's state was consumed: refuse to record further steps
+            self._broken = e
+            raise
         now = time.time()
         self._scalar_rows["timestamp"].append(now)
         self._scalar_rows["duration"].append(now - self._last_time)
@@ -438,16 +481,73 @@ class Recorder:
             raise RecorderError("the optimizer's param groups changed during recording")
         for k in self.meta.hparam_keys:
             self._hparam_rows[k].append(hp[k])
+        self._err_rows.append(errors)
         self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         self._ids.append(ids)
         self._labels.append(lab)
         self._ghosts.append(ghosts)
         self._slot += 1
         self._t += 1
-        if self._t % self.config_keyframe_every == 0:
+        keyframe = self._t % self.config_keyframe_every == 0
+        if keyframe:
             self._block.keyframes.append(self._keyframe(self._t))
         if self._t == self._block_end:
             self._flush()
+        if keyframe:  # readers restart lossy replay from the exact keyframe
+            for i, (_, p) in enumerate(self._params):
+                if not self._encs[i].lossless:
+                    self._prev[i].copy_(p.detach())
+                    if self._recon[i] is not None:
+                        self._recon[i].copy_(p.detach())
+
+    def _record_lossless(self, i: int, cur: torch.Tensor, row: torch.Tensor) -> int:
+        """Δ_t into ``row``; exact bits of θ_{t+1} where fl(θ_t + Δ_t) misses them."""
+        prev = self._prev[i]
+        if self._cuda:
+            delta = torch.sub(cur, prev)
+            row.copy_(delta, non_blocking=True)
+        else:
+            delta = torch.sub(cur, prev, out=row)
+        recon = torch.add(prev, delta, out=self._scratch[i])
+        it = self._int_dtypes[i]
+        bad = recon.view(it).ne(cur.view(it)).view(-1)
+        n = 0
+        if bad.any():
+            idx = bad.nonzero().view(-1)
+            bits = cur.reshape(-1)[idx].view(it).cpu().numpy()
+            self._fix_t.append(np.full(len(idx), i, dtype=np.int32))
+            self._fix_i.append(idx.cpu().numpy().astype(np.int64))
+            self._fix_b.append(bits.astype(np.uint64) & _mask(bits.dtype))
+            n = len(idx)
+        prev.copy_(cur)
+        return n
+
+    def _record_lossy(self, i: int, cur: torch.Tensor, rows: dict[str, torch.Tensor],
+                      slot: int, errors: np.ndarray) -> None:
+        """Encode Δ_t (against θ̂_t for feedback encodings) and track the replayed θ̂."""
+        enc, prev = self._encs[i], self._prev[i]
+        delta = torch.sub(cur, prev)
+        ctx = StepContext(lr=float(self.optimizer.param_groups[self._group_of[i]]["lr"]))
+        if i in self._io:
+            ctx.inputs, ctx.grad_outputs = self._io[i].take()
+        arrays = enc.encode_step(delta, ctx)
+        for a, v in arrays.items():
+            rows[a][slot].copy_(v, non_blocking=self._cuda)
+        if "dense" not in enc.capabilities:
+            prev.copy_(cur)
+            return
+        dec = enc.decode_block({a: v.unsqueeze(0) for a, v in arrays.items()})[0]
+        dnorm = float(delta.float().norm())
+        errors[i, 0] = float((dec - delta).float().norm()) / dnorm if dnorm else 0.0
+        if enc.feedback:
+            theta_hat = prev.add_(dec)
+        else:
+            recon = self._recon[i]
+            assert recon is not None
+            theta_hat = recon.add_(dec)
+            prev.copy_(cur)
+        cnorm = float(cur.float().norm())
+        errors[i, 1] = float((theta_hat - cur).float().norm()) / cnorm if cnorm else 0.0
 
     @property
     def config_keyframe_every(self) -> int:
@@ -497,8 +597,11 @@ class Recorder:
         if self._writer is None:
             return
         try:
+            # a final keyframe only if the weights are θ_t (no unrecorded or failed step)
             if (
-                self._t % self.config_keyframe_every != 0
+                self._broken is None
+                and self._opt_steps == 0
+                and self._t % self.config_keyframe_every != 0
                 and (not self._block.keyframes or self._block.keyframes[-1].step != self._t)
                 and self._t > 0
             ):
@@ -508,6 +611,8 @@ class Recorder:
             writer, self._writer = self._writer, None
             if self._hook is not None:
                 self._hook.remove()
+            for cap in self._io.values():
+                cap.remove()
             writer.close()
 
     def __exit__(self, *exc: Any) -> None:
@@ -526,6 +631,41 @@ class Recorder:
             "bytes_raw": float(w.bytes_raw) if w else math.nan,
             "writer_seconds": w.seconds_busy if w else math.nan,
         }
+
+
+class _IOCapture:
+    """Forward/backward hooks on a Linear that collect its inputs and output gradients
+    between two recorded steps (the rows of per-example factors)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.inputs: list[torch.Tensor] = []
+        self.grads: dict[int, torch.Tensor] = {}
+        self._handle = module.register_forward_hook(self._forward)
+
+    def _forward(self, module: torch.nn.Module, inp: tuple[torch.Tensor, ...],
+                 out: torch.Tensor) -> None:
+        if not (module.training and torch.is_grad_enabled() and out.requires_grad):
+            return
+        k = len(self.inputs)
+        self.inputs.append(inp[0].detach().reshape(-1, inp[0].shape[-1]))
+
+        def on_grad(g: torch.Tensor) -> None:
+            self.grads[k] = g.detach().reshape(-1, g.shape[-1])
+
+        out.register_hook(on_grad)
+
+    def take(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        ks = [k for k in range(len(self.inputs)) if k in self.grads]
+        if not ks:
+            self.inputs, self.grads = [], {}
+            return None, None
+        a = torch.cat([self.inputs[k] for k in ks])
+        g = torch.cat([self.grads[k] for k in ks])
+        self.inputs, self.grads = [], {}
+        return a, g
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def _mask(dtype: np.dtype) -> np.uint64:

@@ -39,7 +39,8 @@ class Block:
 
     t0: int
     n: int
-    deltas: dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # tensor -> encoded
+    enc_error: np.ndarray | None = None  # [n, tensors, 2] relative error of Δ and of θ̂
     states: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     scalars: dict[str, np.ndarray] = field(default_factory=dict)
     hparams: dict[str, np.ndarray] = field(default_factory=dict)
@@ -113,8 +114,8 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
     """Create every array that exists from the start (optimizer state comes with step 1)."""
     rc = meta.recorder
     for t in meta.tensors:
-        enc = get_encoding(t.encoding, **t.encoding_params)
-        for array, spec in enc.arrays(t.shape, t.dtype).items():
+        enc = get_encoding(t.encoding, t.shape, t.dtype, **t.encoding_params)
+        for array, spec in enc.arrays().items():
             _create(
                 group,
                 layout.param_path(t.name, array),
@@ -178,6 +179,17 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
         codec=codecs.DEFAULT_INT_CODEC,
         description="2**32 + crc32 of each tensor's θ_(t+1) bytes at the last step of every "
         "written block (0 elsewhere): verify checks replay against it",
+    )
+    _create(
+        group,
+        "steps/encoding_error",
+        (len(meta.tensors), 2),
+        "float32",
+        chunk_rows=layout.SCALAR_CHUNK,
+        shard_rows=None,
+        codec=codecs.DEFAULT_INT_CODEC,
+        description="relative L2 error per tensor of the decoded Δ_t and of the replayed "
+        "θ_(t+1) (NaN for lossless or undecodable encodings)",
     )
     _create(
         group,
@@ -255,7 +267,8 @@ class BlockWriter:
         self.meta = meta
         self.commit = commit
         self._encodings = {
-            t.name: get_encoding(t.encoding, **t.encoding_params) for t in meta.tensors
+            t.name: get_encoding(t.encoding, t.shape, t.dtype, **t.encoding_params)
+            for t in meta.tensors
         }
         self._queue: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
@@ -344,9 +357,8 @@ class BlockWriter:
                 self.group.attrs.update({layout.ATTR_KEY: self.meta.to_json()})
             nonfinite = np.zeros((n, len(self.meta.tensors)), dtype=np.int32)
             for i, t in enumerate(self.meta.tensors):
-                dense = block.deltas[t.name]
-                nonfinite[:, i] = _count_nonfinite(dense)
-                for array, data in self._encodings[t.name].encode(dense).items():
+                for array, data in block.arrays[t.name].items():
+                    nonfinite[:, i] += _count_nonfinite(data)
                     self._put_rows(layout.param_path(t.name, array), t0, data)
             for name, states in block.states.items():
                 for key, data in states.items():
@@ -357,6 +369,7 @@ class BlockWriter:
                 self._put_rows(f"steps/{key}", t0, data)
             self._put_rows("steps/nonfinite", t0, nonfinite)
             self._put_rows("steps/theta_crc", t0, block.theta_crc)
+            self._put_rows("steps/encoding_error", t0, block.enc_error)
             self._put_rows("batch/ids", c.num_ids, block.ids)
             self._put_rows("batch/labels", c.num_ids, block.labels)
             self._put_rows("batch/ghost_ids", c.num_ghost_ids, block.ghost_ids)

@@ -1,6 +1,34 @@
-"""Registry of delta encodings (one module per encoding)."""
+"""Registry of delta encodings (one module per encoding) and the policy that picks them."""
 
-from .base import ArraySpec, Encoding, encoding_names, get_encoding, register
+from .base import (
+    ArraySpec,
+    Encoding,
+    StepContext,
+    encoding_class,
+    encoding_names,
+    get_encoding,
+    register,
+)
 from .full import FullEncoding
+from .lowrank import FactorsEncoding, SVDEncoding
+from .policy import EncodingRule, resolve
+from .projected import ProjectedEncoding
+from .rounded import RoundedEncoding, bitround
 
-__all__ = ["ArraySpec", "Encoding", "FullEncoding", "encoding_names", "get_encoding", "register"]
+__all__ = [
+    "ArraySpec",
+    "Encoding",
+    "EncodingRule",
+    "FactorsEncoding",
+    "FullEncoding",
+    "ProjectedEncoding",
+    "RoundedEncoding",
+    "SVDEncoding",
+    "StepContext",
+    "bitround",
+    "encoding_class",
+    "encoding_names",
+    "get_encoding",
+    "register",
+    "resolve",
+]

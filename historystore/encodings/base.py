@@ -1,18 +1,23 @@
 """The encoding interface: how one tensor's per-step deltas are represented in the store.
 
-An encoding turns a block of dense deltas ``[steps, *shape]`` into one or more named arrays
-with a leading step axis, and says what it can give back (``capabilities``): a dense delta,
-factors, a sketch. Readers and attribution methods ask for a capability and get a clear
-:class:`~historystore.errors.EncodingError` when the encoding cannot provide it.
+An encoding turns each step's delta (on the training device, in the recorder's hot path) into
+one or more named arrays with a leading step axis, and says what it can give back
+(``capabilities``): a dense delta, per-example factors, a sketch. Readers and attribution
+methods ask for a capability and get a clear :class:`~historystore.errors.EncodingError` when
+the encoding cannot provide it.
+
+Lossy encodings with ``feedback = True`` encode θ_{t+1} − θ̂_t, where θ̂_t is the reader's own
+reconstruction (error feedback): the replay error then stays at about one step's encoding
+error instead of accumulating, and keyframes reset it to zero.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
+import torch
 
 from ..errors import EncodingError
 
@@ -25,31 +30,47 @@ class ArraySpec:
     dtype: str
 
 
+@dataclass
+class StepContext:
+    """What an encoding may need beyond the delta: the step's lr, captured layer I/O."""
+
+    lr: float = float("nan")
+    inputs: torch.Tensor | None = None  # [rows, in] layer inputs of the step (factors)
+    grad_outputs: torch.Tensor | None = None  # [rows, out] gradients at the layer output
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class Encoding(ABC):
-    """Base class. Subclasses set ``name``, ``lossless`` and ``capabilities``."""
+    """Base class. Subclasses set ``name``, ``lossless``, ``capabilities`` and ``feedback``."""
 
     name: ClassVar[str]
-    #: True when ``decode(encode(x))`` is bit-identical to ``x`` (replay is then exact).
+    #: True when decoding gives back the delta bit for bit (replay is then exact with fixes).
     lossless: ClassVar[bool]
     #: What the reader can ask for: "dense" (a dense delta), "factors", "sketch", ...
     capabilities: ClassVar[frozenset[str]] = frozenset({"dense"})
+    #: Encode against the reader's reconstruction θ̂ (bounded drift) instead of the true θ_t.
+    feedback: ClassVar[bool] = False
+    #: Needs the layer's inputs and output gradients captured by module hooks.
+    needs_io: ClassVar[bool] = False
+
+    def __init__(self, shape: tuple[int, ...], dtype: str, **params: Any) -> None:
+        self.shape = tuple(shape)
+        self.dtype = dtype
 
     def params(self) -> dict[str, Any]:
         """JSON-able parameters, stored in the tensor's metadata to rebuild the encoding."""
         return {}
 
     @abstractmethod
-    def arrays(self, shape: tuple[int, ...], dtype: str) -> dict[str, ArraySpec]:
-        """The arrays this encoding stores for a tensor of ``shape``/``dtype``."""
+    def arrays(self) -> dict[str, ArraySpec]:
+        """The arrays this encoding stores per step."""
 
     @abstractmethod
-    def encode(self, block: np.ndarray) -> dict[str, np.ndarray]:
-        """Encode dense deltas ``[steps, *shape]`` into the arrays of :meth:`arrays`."""
+    def encode_step(self, delta: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Encode one step's delta (on the training device) into per-step arrays."""
 
-    def decode(
-        self, arrays: dict[str, np.ndarray], shape: tuple[int, ...], dtype: str
-    ) -> np.ndarray:
-        """Dense deltas ``[steps, *shape]`` from stored arrays (if ``"dense"`` is supported)."""
+    def decode_block(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Dense deltas ``[steps, *shape]`` from a block of stored arrays (torch, any device)."""
         raise EncodingError(f"encoding {self.name!r} cannot give a dense delta")
 
     def require(self, capability: str) -> None:
@@ -69,13 +90,16 @@ def register(cls: type[Encoding]) -> type[Encoding]:
     return cls
 
 
-def get_encoding(name: str, **params: Any) -> Encoding:
-    """Instantiate a registered encoding by name."""
+def encoding_class(name: str) -> type[Encoding]:
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown encoding {name!r}; known: {sorted(_REGISTRY)}") from None
-    return cls(**params)
+
+
+def get_encoding(name: str, shape: tuple[int, ...], dtype: str, **params: Any) -> Encoding:
+    """Instantiate a registered encoding for a tensor of ``shape``/``dtype``."""
+    return encoding_class(name)(shape, dtype, **params)
 
 
 def encoding_names() -> list[str]:

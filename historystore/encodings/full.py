@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
+import torch
 
-from .base import ArraySpec, Encoding, register
+from .base import ArraySpec, Encoding, StepContext, register
 
 
 @register
@@ -13,13 +13,11 @@ class FullEncoding(Encoding):
     lossless = True
     capabilities = frozenset({"dense"})
 
-    def arrays(self, shape: tuple[int, ...], dtype: str) -> dict[str, ArraySpec]:
-        return {"delta": ArraySpec(shape, dtype)}
+    def arrays(self) -> dict[str, ArraySpec]:
+        return {"delta": ArraySpec(self.shape, self.dtype)}
 
-    def encode(self, block: np.ndarray) -> dict[str, np.ndarray]:
-        return {"delta": block}
+    def encode_step(self, delta: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {"delta": delta}
 
-    def decode(
-        self, arrays: dict[str, np.ndarray], shape: tuple[int, ...], dtype: str
-    ) -> np.ndarray:
+    def decode_block(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
         return arrays["delta"]

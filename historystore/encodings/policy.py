@@ -1,0 +1,82 @@
+"""Which encoding each tensor gets: an ordered list of rules, first match wins.
+
+A rule matches by parameter-name pattern (fnmatch), by module type, and by size; the encoding
+it names may still fall back (e.g. per-example factors need nn.Linear under plain SGD), and
+the reason is recorded per tensor so that ``historystore info`` shows why.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .base import encoding_class
+
+
+@dataclass(frozen=True)
+class EncodingRule:
+    """Use ``encoding`` (with ``params``) for tensors matching all the given criteria.
+
+    ``encoding`` is a registered name (full, rounded, factors, svd, projected) or ``lowrank``:
+    per-example factors where exact (nn.Linear weight under plain SGD), else SVD of ``rank``.
+    """
+
+    encoding: str
+    params: dict[str, Any] = field(default_factory=dict)
+    pattern: str = "*"
+    module_types: tuple[str, ...] = ()
+    min_numel: int = 0
+
+    def __post_init__(self) -> None:
+        if self.encoding != "lowrank":
+            encoding_class(self.encoding)  # raises for unknown names
+        if self.min_numel < 0:
+            raise ValueError("min_numel must be >= 0")
+
+    def matches(self, name: str, numel: int, module: torch.nn.Module | None) -> bool:
+        if not fnmatch.fnmatchcase(name, self.pattern) or numel < self.min_numel:
+            return False
+        return not self.module_types or (
+            module is not None and type(module).__name__ in self.module_types)
+
+
+def _plain_sgd(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    for g in optimizer.param_groups:
+        if any(p is param for p in g["params"]):
+            return (g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0
+                    and not g.get("maximize", False))
+    return False
+
+
+def resolve(rules: tuple[EncodingRule, ...], name: str, param: torch.Tensor,
+            module: torch.nn.Module | None, optimizer: torch.optim.Optimizer
+            ) -> tuple[str, dict[str, Any], str]:
+    """(encoding name, params, reason) for one parameter tensor."""
+    numel = math.prod(param.shape)
+    for i, rule in enumerate(rules):
+        if not rule.matches(name, numel, module):
+            continue
+        why = f"rule {i} ({rule.encoding}, pattern {rule.pattern!r})"
+        enc, params = rule.encoding, dict(rule.params)
+        if enc in ("lowrank", "factors"):
+            exact = (isinstance(module, torch.nn.Linear) and name.endswith("weight")
+                     and _plain_sgd(optimizer, param))
+            if exact and "max_rows" in params:
+                return "factors", {"max_rows": params["max_rows"]}, f"{why}: exact per-example factors"
+            reason = ("factors need an nn.Linear weight under plain SGD (no momentum/decay)"
+                      if not exact else "factors need params max_rows")
+            enc = "svd"
+            params = {"rank": params.get("rank", 8)}
+            why = f"{why}: {reason}, using SVD rank {params['rank']}"
+        if enc == "svd" and param.dim() < 2:
+            return "full", {}, f"{why}: 1-D tensor cannot be low-rank, kept full"
+        if enc == "projected":
+            params = {"tensor": name, **params}
+        return enc, params, why
+    return "full", {}, "default (lossless)"
