@@ -53,8 +53,10 @@ def info_cmd(store: str, as_json: bool) -> None:
         if t["encoding_reason"] not in ("default", "default (lossless)"):
             click.echo(f"      ({t['encoding_reason']})")
         if "theta_rel_error_max" in t:
-            click.echo(f"      lossy: Δ error mean {t['delta_rel_error_mean']:.2e}, "
-                       f"replayed θ error max {t['theta_rel_error_max']:.2e}")
+            click.echo(
+                f"      lossy: Δ error mean {t['delta_rel_error_mean']:.2e}, "
+                f"replayed θ error max {t['theta_rel_error_max']:.2e}"
+            )
     if d["optimizer_state"]:
         keys = sorted({k for v in d["optimizer_state"].values() for k in v})
         click.echo(f"  optimizer state per step: {', '.join(keys)}")

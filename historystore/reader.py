@@ -182,8 +182,9 @@ class HistoryStore:
         return self._hparams.get(f"g{g}.lr", np.full(self.num_steps, np.nan))
 
     # -- random access -----------------------------------------------------------------------
-    def encoded(self, name: str, start: int, stop: int,
-                device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def encoded(
+        self, name: str, start: int, stop: int, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """The encoding's native arrays of steps [start, stop) (factors, sketches, ...)."""
         enc = self.encodings[name]
         out = {}
@@ -195,8 +196,9 @@ class HistoryStore:
             out[a] = x
         return out
 
-    def _dense(self, name: str, start: int, stop: int,
-               device: str | torch.device = "cpu") -> torch.Tensor:
+    def _dense(
+        self, name: str, start: int, stop: int, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         """Dense deltas, decoded on ``device`` (fewer bytes cross to a GPU for compact forms)."""
         enc = self.encodings[name]
         enc.require("dense")

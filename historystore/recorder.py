@@ -399,7 +399,9 @@ class Recorder:
         b.theta_crc = np.zeros((n, len(self._params)), dtype=np.uint64)
         if n:
             b.theta_crc[n - 1] = [
-                0 if "dense" not in e.capabilities else tensors.crc_marker(r if r is not None else p)
+                0
+                if "dense" not in e.capabilities
+                else tensors.crc_marker(r if r is not None else p)
                 for e, r, p in zip(self._encs, self._recon, self._prev, strict=True)
             ]
         b.release = lambda bufs=bufs: self._pool.put(bufs)
@@ -522,8 +524,14 @@ class Recorder:
         prev.copy_(cur)
         return n
 
-    def _record_lossy(self, i: int, cur: torch.Tensor, rows: dict[str, torch.Tensor],
-                      slot: int, errors: np.ndarray) -> None:
+    def _record_lossy(
+        self,
+        i: int,
+        cur: torch.Tensor,
+        rows: dict[str, torch.Tensor],
+        slot: int,
+        errors: np.ndarray,
+    ) -> None:
         """Encode Δ_t (against θ̂_t for feedback encodings) and track the replayed θ̂."""
         enc, prev = self._encs[i], self._prev[i]
         delta = torch.sub(cur, prev)
@@ -642,8 +650,9 @@ class _IOCapture:
         self.grads: dict[int, torch.Tensor] = {}
         self._handle = module.register_forward_hook(self._forward)
 
-    def _forward(self, module: torch.nn.Module, inp: tuple[torch.Tensor, ...],
-                 out: torch.Tensor) -> None:
+    def _forward(
+        self, module: torch.nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor
+    ) -> None:
         if not (module.training and torch.is_grad_enabled() and out.requires_grad):
             return
         k = len(self.inputs)

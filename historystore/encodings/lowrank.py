@@ -42,14 +42,18 @@ class FactorsEncoding(Encoding):
 
     def arrays(self) -> dict[str, ArraySpec]:
         out, inp = self.shape
-        return {"u": ArraySpec((self.max_rows, out), self.dtype),
-                "v": ArraySpec((self.max_rows, inp), self.dtype)}
+        return {
+            "u": ArraySpec((self.max_rows, out), self.dtype),
+            "v": ArraySpec((self.max_rows, inp), self.dtype),
+        }
 
     def encode_step(self, delta: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         a, g = ctx.inputs, ctx.grad_outputs
         if a is None or g is None:
-            raise EncodingError("factors: no layer inputs/gradients were captured for this step "
-                                "(did the forward/backward run through the module?)")
+            raise EncodingError(
+                "factors: no layer inputs/gradients were captured for this step "
+                "(did the forward/backward run through the module?)"
+            )
         rows = a.shape[0]
         if rows > self.max_rows:
             raise EncodingError(f"factors: {rows} rows exceed max_rows={self.max_rows}")
@@ -60,7 +64,10 @@ class FactorsEncoding(Encoding):
         return {"u": u, "v": v}
 
     def decode_block(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.einsum("sbo,sbi->soi", arrays["u"], arrays["v"])
+        # one GEMM per step, as in the recorder: a batched kernel may round differently,
+        # and the replayed θ̂ must match the recorder's bit for bit (verify checks it)
+        u, v = arrays["u"], arrays["v"]
+        return torch.stack([u[s].T @ v[s] for s in range(u.shape[0])])
 
 
 @register
@@ -82,8 +89,10 @@ class SVDEncoding(Encoding):
         return {"rank": self.rank}
 
     def arrays(self) -> dict[str, ArraySpec]:
-        return {"u": ArraySpec((self.m, self.rank), self.dtype),
-                "v": ArraySpec((self.n, self.rank), self.dtype)}
+        return {
+            "u": ArraySpec((self.m, self.rank), self.dtype),
+            "v": ArraySpec((self.n, self.rank), self.dtype),
+        }
 
     def encode_step(self, delta: torch.Tensor, ctx: StepContext) -> dict[str, torch.Tensor]:
         mat = delta.reshape(self.m, self.n).float()
@@ -96,5 +105,7 @@ class SVDEncoding(Encoding):
         return {"u": (u * s).to(delta.dtype), "v": v.to(delta.dtype)}
 
     def decode_block(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
-        d = torch.einsum("smr,snr->smn", arrays["u"], arrays["v"])
-        return d.reshape(d.shape[0], *self.shape)
+        u, v = arrays["u"], arrays["v"]  # per-step GEMMs: see FactorsEncoding.decode_block
+        return torch.stack([u[s] @ v[s].T for s in range(u.shape[0])]).reshape(
+            u.shape[0], *self.shape
+        )

@@ -41,7 +41,8 @@ class EncodingRule:
         if not fnmatch.fnmatchcase(name, self.pattern) or numel < self.min_numel:
             return False
         return not self.module_types or (
-            module is not None and type(module).__name__ in self.module_types)
+            module is not None and type(module).__name__ in self.module_types
+        )
 
 
 def _plain_sgd(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
@@ -49,14 +50,21 @@ def _plain_sgd(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
         return False
     for g in optimizer.param_groups:
         if any(p is param for p in g["params"]):
-            return (g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0
-                    and not g.get("maximize", False))
+            return (
+                g.get("momentum", 0) == 0
+                and g.get("weight_decay", 0) == 0
+                and not g.get("maximize", False)
+            )
     return False
 
 
-def resolve(rules: tuple[EncodingRule, ...], name: str, param: torch.Tensor,
-            module: torch.nn.Module | None, optimizer: torch.optim.Optimizer
-            ) -> tuple[str, dict[str, Any], str]:
+def resolve(
+    rules: tuple[EncodingRule, ...],
+    name: str,
+    param: torch.Tensor,
+    module: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[str, dict[str, Any], str]:
     """(encoding name, params, reason) for one parameter tensor."""
     numel = math.prod(param.shape)
     for i, rule in enumerate(rules):
@@ -65,12 +73,22 @@ def resolve(rules: tuple[EncodingRule, ...], name: str, param: torch.Tensor,
         why = f"rule {i} ({rule.encoding}, pattern {rule.pattern!r})"
         enc, params = rule.encoding, dict(rule.params)
         if enc in ("lowrank", "factors"):
-            exact = (isinstance(module, torch.nn.Linear) and name.endswith("weight")
-                     and _plain_sgd(optimizer, param))
+            exact = (
+                isinstance(module, torch.nn.Linear)
+                and name.endswith("weight")
+                and _plain_sgd(optimizer, param)
+            )
             if exact and "max_rows" in params:
-                return "factors", {"max_rows": params["max_rows"]}, f"{why}: exact per-example factors"
-            reason = ("factors need an nn.Linear weight under plain SGD (no momentum/decay)"
-                      if not exact else "factors need params max_rows")
+                return (
+                    "factors",
+                    {"max_rows": params["max_rows"]},
+                    f"{why}: exact per-example factors",
+                )
+            reason = (
+                "factors need an nn.Linear weight under plain SGD (no momentum/decay)"
+                if not exact
+                else "factors need params max_rows"
+            )
             enc = "svd"
             params = {"rank": params.get("rank", 8)}
             why = f"{why}: {reason}, using SVD rank {params['rank']}"

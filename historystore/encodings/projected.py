@@ -25,8 +25,15 @@ class ProjectedEncoding(Encoding):
     lossless = False
     capabilities = frozenset({"sketch"})
 
-    def __init__(self, shape: tuple[int, ...], dtype: str, k: int = 1024, seed: int = 0,
-                 tensor: str = "", **_: Any) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: str,
+        k: int = 1024,
+        seed: int = 0,
+        tensor: str = "",
+        **_: Any,
+    ) -> None:
         super().__init__(shape, dtype)
         if int(k) < 1:
             raise ValueError(f"projected: k must be >= 1, got {k}")
@@ -45,8 +52,9 @@ class ProjectedEncoding(Encoding):
     def hash(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(bucket, sign) of every coordinate, generated once from the seed and cached."""
         if device not in self._hash:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(
-                self.tensor.encode()))
+            g = torch.Generator().manual_seed(
+                self.seed * 1_000_003 + zlib.crc32(self.tensor.encode())
+            )
             bucket = torch.randint(0, self.k, (self.numel,), generator=g)
             sign = torch.randint(0, 2, (self.numel,), generator=g).float().mul_(2).sub_(1)
             self._hash[device] = (bucket.to(device), sign.to(device))

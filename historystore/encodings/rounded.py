@@ -16,8 +16,12 @@ import torch
 from .base import ArraySpec, Encoding, StepContext, register
 
 _MANTISSA = {"float32": 23, "float64": 52, "float16": 10, "bfloat16": 7}
-_INT = {"float32": torch.int32, "float64": torch.int64, "float16": torch.int16,
-        "bfloat16": torch.int16}
+_INT = {
+    "float32": torch.int32,
+    "float64": torch.int64,
+    "float16": torch.int16,
+    "bfloat16": torch.int16,
+}
 
 
 def bitround(x: torch.Tensor, keepbits: int) -> torch.Tensor:
@@ -45,8 +49,14 @@ class RoundedEncoding(Encoding):
     capabilities = frozenset({"dense"})
     feedback = True
 
-    def __init__(self, shape: tuple[int, ...], dtype: str, bits: int | None = None,
-                 cast: str | None = None, **_: Any) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: str,
+        bits: int | None = None,
+        cast: str | None = None,
+        **_: Any,
+    ) -> None:
         super().__init__(shape, dtype)
         if (bits is None) == (cast is None):
             raise ValueError("rounded: give exactly one of bits=N or cast='bfloat16'|'float16'")
