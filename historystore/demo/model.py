@@ -14,14 +14,9 @@ class DigitsCNN(nn.Module):
         bn2d: type[nn.Module] = nn.BatchNorm2d
         bn1d: type[nn.Module] = nn.BatchNorm1d
         if ghost:
-            from functools import partial
-
             from ..protocol import GhostBatchNorm1d, GhostBatchNorm2d
 
-            # ghosts shape the statistics but get no gradient: each step's update then comes
-            # from its single-class real batch only
-            bn2d = partial(GhostBatchNorm2d, detach_ghost_stats=True)  # type: ignore[assignment]
-            bn1d = partial(GhostBatchNorm1d, detach_ghost_stats=True)  # type: ignore[assignment]
+            bn2d, bn1d = GhostBatchNorm2d, GhostBatchNorm1d
         self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
         self.bn1 = bn2d(channels) if batch_norm else nn.Identity()
         self.conv2 = nn.Conv2d(channels, 2 * channels, 3, padding=1)
