@@ -41,7 +41,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.protocol not in ("single-class", "shuffled"):
-            raise ValueError(f"protocol must be 'single-class' or 'shuffled', not {self.protocol!r}")
+            raise ValueError(
+                f"protocol must be 'single-class' or 'shuffled', not {self.protocol!r}"
+            )
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
         for name in ("epochs", "batch_size", "channels", "hidden", "keyframe_every"):
@@ -85,8 +87,13 @@ def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optim
     return torch.optim.AdamW(model.parameters(), lr=config.lr)
 
 
-def train(store_path: str | Path, config: TrainConfig = TrainConfig(), *,
-          progress: bool = True, overwrite: bool = True) -> TrainedRun:
+def train(
+    store_path: str | Path,
+    config: TrainConfig = TrainConfig(),
+    *,
+    progress: bool = True,
+    overwrite: bool = True,
+) -> TrainedRun:
     """Train the demo CNN with recording on; deterministic for a given seed."""
     from ..protocol import SingleClassGhostSampler, ghost_split
 
@@ -95,26 +102,37 @@ def train(store_path: str | Path, config: TrainConfig = TrainConfig(), *,
     model = build_model(config)
     opt = _optimizer(config, model)
     gen = torch.Generator().manual_seed(config.seed)
-    sampler = SingleClassGhostSampler(data.y_train, config.batch_size, config.ghost_size,
-                                      seed=config.seed)
-    steps_per_epoch = len(sampler) if config.protocol == "single-class" else -(
-        -len(data.y_train) // config.batch_size)
+    sampler = SingleClassGhostSampler(
+        data.y_train, config.batch_size, config.ghost_size, seed=config.seed
+    )
+    steps_per_epoch = (
+        len(sampler)
+        if config.protocol == "single-class"
+        else -(-len(data.y_train) // config.batch_size)
+    )
     rec_seconds = 0.0
     start = time.perf_counter()
     rec_cfg = RecorderConfig(keyframe_every=config.keyframe_every)
     run_config = {"demo": config.__dict__, "planted_ids": planted}
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc="train+record", unit="step",
-               disable=not progress)
-    with Recorder(store_path, model, opt, rec_cfg, run_config=run_config,
-                  overwrite=overwrite) as rec:
+    bar = tqdm(
+        total=config.epochs * steps_per_epoch,
+        desc="train+record",
+        unit="step",
+        disable=not progress,
+    )
+    with Recorder(
+        store_path, model, opt, rec_cfg, run_config=run_config, overwrite=overwrite
+    ) as rec:
         for epoch in range(config.epochs):
             if config.protocol == "single-class":
                 sampler.set_epoch(epoch)
                 batches = [(b.ids, b.ghost_ids) for b in sampler]
             else:
                 perm = torch.randperm(len(data.y_train), generator=gen)
-                batches = [(perm[i:i + config.batch_size], torch.zeros(0, dtype=torch.long))
-                           for i in range(0, len(perm), config.batch_size)]
+                batches = [
+                    (perm[i : i + config.batch_size], torch.zeros(0, dtype=torch.long))
+                    for i in range(0, len(perm), config.batch_size)
+                ]
             for ids, ghosts in batches:
                 x = data.x_train[torch.cat([ids, ghosts])]
                 with ghost_split(model, len(ids)) if len(ghosts) else _nullcontext():
@@ -135,8 +153,18 @@ def train(store_path: str | Path, config: TrainConfig = TrainConfig(), *,
     model.eval()
     with torch.no_grad():
         acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
-    return TrainedRun(Path(store_path), model, data.x_train, data.y_train, data.x_test,
-                      data.y_test, planted, total, rec_seconds, acc)
+    return TrainedRun(
+        Path(store_path),
+        model,
+        data.x_train,
+        data.y_train,
+        data.x_test,
+        data.y_test,
+        planted,
+        total,
+        rec_seconds,
+        acc,
+    )
 
 
 class _nullcontext:
