@@ -30,14 +30,14 @@ def model(run_config: dict[str, Any] | None = None) -> torch.nn.Module:
 
 
 def train_data(run_config: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_train, y_train) with the planted duplicates, indexed like the recorded example ids."""
-    data, _ = planted_data(_config(run_config).duplicates)
+    """(x_train, y_train) with the planted duplicate, indexed like the recorded example ids."""
+    data, _ = planted_data(_config(run_config).plant)
     return data.x_train, data.y_train
 
 
 def test_data(run_config: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_test, y_test); test point 0 is the image planted in the training set."""
-    data, _ = planted_data(0)
+    data, _ = planted_data(False)
     return data.x_test, data.y_test
 
 
