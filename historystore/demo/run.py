@@ -46,7 +46,7 @@ def report_data(
         points.append(
             PointExplanation(
                 index=idx,
-                image=test_x[i].numpy(),
+                image=test_x[i].numpy() if test_x[i].dim() in (2, 3) else None,
                 label=None if test_y is None else int(test_y[i]),
                 prediction=int(probs[i].argmax()),
                 probabilities=probs[i],
@@ -62,7 +62,7 @@ def report_data(
         classes=[str(c) for c in range(num_classes)],
         grid=np.asarray(result.arrays["grid"]),
         points=points,
-        train_images=None if train_x is None else train_x.numpy(),
+        train_images=None if train_x is None or train_x.dim() not in (3, 4) else train_x.numpy(),
         train_labels=None if train_y is None else train_y.numpy(),
         highlight_ids=list(highlight),
     )
