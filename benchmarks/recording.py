@@ -1,0 +1,703 @@
+#!/usr/bin/env python
+"""Recording benchmark: what ``historystore.Recorder`` costs a training loop, how fast it writes
+and how well the default codec compresses real deltas, beside the machine's own limits.
+
+Usage::
+
+    python benchmarks/recording.py [--quick] [--out benchmarks/results/recording.json]
+                                   [--threads 1] [--repeats N] [--only cnn-sgdm,...]
+                                   [--profile] [--tmp-dir DIR]
+
+Workloads (CPU, deterministic, seeded; the same batches with and without the recorder):
+
+* ``cnn-sgdm``   DigitsCNN(channels=16, hidden=64) on scikit-learn digits, SGD lr 0.05
+  momentum 0.9, 300 steps of batch 32
+* ``cnn-adamw``  the same, AdamW lr 2e-3 weight decay 0.01
+* ``mlp-adamw``  an MLP 512-2048-1024-10 (3.2 M parameters) on generated data (Gaussian inputs
+  labelled by a random teacher network), AdamW lr 1e-3, 150 steps of batch 64
+
+Configs: ``default`` = ``RecorderConfig()`` (optimizer state every step), ``no-state`` =
+``RecorderConfig(optimizer_state="none")``. Each workload runs training alone ("train") and
+under each config, interleaved (train, default, no-state, train, ...), ``--repeats`` times;
+figures are medians.
+
+Measured:
+
+* time: wall and CPU seconds (CPU = this process, all threads: the writer's compression
+  included) of the whole loop; for recorded runs ``Recorder.__enter__`` through ``close()``.
+  overhead = recorded / train (medians). ``rec.step`` = seconds inside ``rec.step`` over the
+  run, of which ``flush`` is the time of the block-boundary flushes (building the block, checksums
+  of θ) and ``wait`` the time the loop was blocked handing blocks to the writer (backpressure);
+  ``close`` = the time ``close()`` waited for the writer to finish.
+* writer time by kind of array ("writer time" lines): seconds, writes and MB/s of the writer's
+  ``_put_rows`` for deltas, optimizer state, keyframes and the small per-step arrays (scalars,
+  batch ids, fixes); the rest of its busy time is commits and creating arrays.
+* write throughput: raw bytes handed to zarr (the writer's ``bytes_raw``: uncompressed, deltas,
+  optimizer state, keyframes, ids, ...) per second the writer thread was busy, and per second of
+  the whole recorded loop (training included).
+* compression of the default codec, from ``historystore.inspect.info``: dense delta bytes /
+  stored delta bytes ("ratio Δ"), the same for the optimizer state arrays, and for the whole store.
+* machine limits (``benchmarks/_machine.py``): fsync'd write, memcpy, sequential read with the
+  page cache dropped and cached, and the default codec's single-thread encode/decode speed on
+  real deltas of each workload.
+
+``--profile`` adds one cProfile'd recorded run per workload (at most 60 steps; profiling only
+inside ``rec.step``; its timings are not used elsewhere) and keeps the top functions in the JSON.
+
+The report also gives the load average and the share of a core one busy thread got at the start
+and the end (``_machine.cpu_share``): on a shared machine every time above is inflated by it.
+
+Torch uses ``--threads`` threads (default 1): on a small shared machine more OpenMP threads
+than free cores make the timings meaningless; the recorder's writer thread runs beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import itertools
+import json
+import math
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import historystore as hs
+from historystore.inspect import committed_arrays, info
+
+try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.recording
+    import _machine
+except ImportError:  # pragma: no cover
+    from benchmarks import _machine
+
+MB = _machine.MB
+CONFIGS: dict[str, hs.RecorderConfig] = {
+    "default": hs.RecorderConfig(),
+    "no-state": hs.RecorderConfig(optimizer_state="none"),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# workloads
+
+
+class MLP(nn.Module):
+    """Linear layers fc1..fcN with ReLU between them."""
+
+    def __init__(self, dims: tuple[int, ...]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    make_model: Callable[[], nn.Module]
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+    x: torch.Tensor
+    y: torch.Tensor
+    steps: int
+    batch: int
+    repeats: int
+    seed: int = 0
+
+    def batches(self) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        return [torch.randperm(len(self.y), generator=g)[: self.batch] for _ in range(self.steps)]
+
+
+def teacher_data(dim: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian inputs labelled by a random two-layer teacher network (10 classes)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w1 = torch.randn(dim, 256, generator=g) / math.sqrt(dim)
+    w2 = torch.randn(256, 10, generator=g) / math.sqrt(256)
+    return x, (torch.relu(x @ w1) @ w2).argmax(1)
+
+
+def workloads(quick: bool, repeats: int | None) -> list[Workload]:
+    from historystore.demo.data import load_digits
+    from historystore.demo.model import DigitsCNN
+
+    d = load_digits()
+    cnn_steps, mlp_steps = (60, 20) if quick else (300, 150)
+    dims = (256, 1024, 512, 10) if quick else (512, 2048, 1024, 10)
+    mx, my = teacher_data(dims[0], 4096)
+    r_cnn = repeats or (1 if quick else 3)
+    r_mlp = repeats or (1 if quick else 2)
+
+    def cnn() -> nn.Module:
+        return DigitsCNN(channels=16, hidden=64)
+
+    return [
+        Workload(
+            "cnn-sgdm",
+            "DigitsCNN(16, 64), SGD lr 0.05 momentum 0.9",
+            cnn,
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+            d.x_train,
+            d.y_train,
+            cnn_steps,
+            32,
+            r_cnn,
+        ),
+        Workload(
+            "cnn-adamw",
+            "DigitsCNN(16, 64), AdamW lr 2e-3 wd 0.01",
+            cnn,
+            lambda m: torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.01),
+            d.x_train,
+            d.y_train,
+            cnn_steps,
+            32,
+            r_cnn,
+        ),
+        Workload(
+            "mlp-adamw",
+            f"MLP {'-'.join(map(str, dims))} on teacher data, AdamW lr 1e-3 wd 0.01",
+            lambda: MLP(dims),
+            lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01),
+            mx,
+            my,
+            mlp_steps,
+            64,
+            r_mlp,
+        ),
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# one run
+
+
+class _Timed:
+    """Wraps a bound method on an instance and sums the seconds spent in it."""
+
+    def __init__(self, obj: Any, name: str) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        orig = getattr(obj, name, None)
+        if orig is None:
+            return
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        setattr(obj, name, timed)
+
+
+class _WriterParts:
+    """Sums the writer thread's seconds, bytes and calls of ``_put_rows`` by kind of array."""
+
+    def __init__(self, writer: Any) -> None:
+        self.parts: dict[str, dict[str, float]] = {}
+        orig = getattr(writer, "_put_rows", None)
+        if orig is None:
+            return
+
+        def timed(path: str, start: int, data: np.ndarray) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return orig(path, start, data)
+            finally:
+                d = self.parts.setdefault(_kind(path), {"seconds": 0.0, "bytes": 0, "calls": 0})
+                d["seconds"] += time.perf_counter() - t0
+                d["bytes"] += data.nbytes
+                d["calls"] += 1
+
+        writer._put_rows = timed
+
+
+def _kind(path: str) -> str:
+    if path.startswith("optim/"):
+        return "optimizer state"
+    if path.startswith("params/"):
+        return "keyframes" if path.endswith("/keyframes") else "deltas"
+    if path.startswith("buffers/") or path == "keyframe_steps":
+        return "keyframes"
+    return "steps, batch, fixes"
+
+
+def _fingerprint(model: nn.Module) -> int:
+    crc = 0
+    for p in model.parameters():
+        crc = zlib.crc32(p.detach().contiguous().numpy().tobytes(), crc)
+    return crc
+
+
+def run_once(
+    w: Workload,
+    config: hs.RecorderConfig | None,
+    path: Path | None,
+    profiler: cProfile.Profile | None = None,
+) -> dict[str, Any]:
+    """Train ``w`` once, recorded into ``path`` under ``config`` (or not at all)."""
+    batches = w.batches()
+    torch.manual_seed(w.seed)
+    model = w.make_model()
+    opt = w.make_optimizer(model)
+    out: dict[str, Any] = {}
+    rec: hs.Recorder | None = None
+    step_s = 0.0
+    cpu0, t_start = time.process_time(), time.perf_counter()
+    if config is not None:
+        assert path is not None
+        rec = hs.Recorder(path, model, opt, config, overwrite=True)
+        t0 = time.perf_counter()
+        rec.__enter__()
+        out["enter_s"] = time.perf_counter() - t0
+        writer = getattr(rec, "_writer", None)  # rec.stats is NaN after close(): keep it
+        flush = _Timed(rec, "_flush")
+        wait = _Timed(writer, "submit")
+        parts = _WriterParts(writer)
+    try:
+        for idx in batches:
+            y = w.y[idx]
+            loss = F.cross_entropy(model(w.x[idx]), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if rec is not None:
+                t0 = time.perf_counter()
+                if profiler is not None:
+                    profiler.enable()
+                rec.step(idx, labels=y, loss=loss)
+                if profiler is not None:
+                    profiler.disable()
+                step_s += time.perf_counter() - t0
+    except BaseException:
+        if rec is not None:
+            rec.__exit__(*sys.exc_info())
+        raise
+    if rec is not None:
+        flush_s, wait_s, nflush = flush.seconds, wait.seconds, flush.calls
+        t0 = time.perf_counter()
+        rec.close()
+        out["close_s"] = time.perf_counter() - t0
+        stats = (
+            {"bytes_raw": float(writer.bytes_raw), "writer_seconds": writer.seconds_busy}
+            if writer is not None
+            else rec.stats
+        )
+        out |= {
+            "step_s": step_s,
+            "flush_s": flush_s,
+            "wait_s": wait_s,
+            "flushes": nflush,
+            "bytes_raw": stats["bytes_raw"],
+            "writer_s": stats["writer_seconds"],
+            "steps_per_block": rec.steps_per_block,
+            "writer_parts": parts.parts,
+        }
+    out["wall_s"] = time.perf_counter() - t_start
+    out["cpu_s"] = time.process_time() - cpu0
+    out["final_crc"] = _fingerprint(model)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# store contents
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def _ratio(raw: float, stored: float) -> float:
+    return raw / stored if stored else math.nan
+
+
+def store_sizes(path: Path) -> dict[str, Any]:
+    """Raw and stored bytes of the deltas, the optimizer state and the whole store."""
+    summary = info(str(path))
+    d_raw = sum(t["bytes_raw"] for t in summary["tensors"])
+    d_stored = sum(t["bytes_stored"] for t in summary["tensors"])
+    store = hs.open_store(str(path))
+    s_raw = s_stored = 0
+    for p, rows in committed_arrays(store).items():
+        if p.startswith("optim/"):
+            arr = store.group[p]
+            s_raw += rows * int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+            s_stored += _du(path / p)
+    return {
+        "delta_raw": d_raw,
+        "delta_stored": d_stored,
+        "ratio_delta": _ratio(d_raw, d_stored),
+        "state_raw": s_raw,
+        "state_stored": s_stored,
+        "ratio_state": _ratio(s_raw, s_stored),
+        "store_raw": summary["bytes_raw"],
+        "store_stored": summary["bytes_stored"],
+        "ratio_store": summary["ratio"],
+        "num_replay_fixes": summary["num_replay_fixes"],
+        "num_params": summary["num_parameters"],
+    }
+
+
+def delta_sample(path: Path, max_bytes: int) -> tuple[np.ndarray, str]:
+    """Real deltas of the largest tensor of a lossless store, about ``max_bytes``."""
+    store = hs.open_store(str(path))
+    t = max(store.tensors, key=lambda t: t.numel)
+    steps = max(1, min(store.num_steps, max_bytes // t.nbytes))
+    s0 = store.num_steps // 2 - steps // 2
+    d = np.asarray(store.encoded(t.name, s0, s0 + steps)["delta"])
+    return d, f"{t.name} {list(t.shape)} steps {s0}-{s0 + steps - 1}"
+
+
+# ------------------------------------------------------------------------------------------
+# profile
+
+
+def profile_top(prof: cProfile.Profile, n: int = 15) -> dict[str, list[dict[str, Any]]]:
+    """Inside ``rec.step``: top functions by own time, and historystore's by cumulative time."""
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, fn), (_, ncalls, tottime, cumtime, _) in st.stats.items():  # type: ignore[attr-defined]
+        where = f"{Path(file).name}:{line}" if line else file
+        rows.append(
+            {
+                "function": f"{fn} ({where})",
+                "calls": ncalls,
+                "tottime": tottime,
+                "cumtime": cumtime,
+                "historystore": "historystore" in file,
+            }
+        )
+    by_own = sorted(rows, key=lambda r: -r["tottime"])[:n]
+    by_cum = sorted((r for r in rows if r["historystore"]), key=lambda r: -r["cumtime"])[:n]
+    return {"top_tottime": by_own, "top_cumtime_historystore": by_cum}
+
+
+# ------------------------------------------------------------------------------------------
+# driver
+
+
+def _med(runs: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in runs if key in r and not math.isnan(r[key])]
+    return statistics.median(vals) if vals else math.nan
+
+
+def bench_workload(
+    w: Workload, tmp: Path, profile: bool, sample_bytes: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {"train": [], **{c: [] for c in CONFIGS}}
+    sizes: dict[str, Any] = {}
+    res: dict[str, Any] = {
+        "workload": w.name,
+        "title": w.title,
+        "steps": w.steps,
+        "batch": w.batch,
+        "repeats": w.repeats,
+    }
+    for r in range(w.repeats):
+        runs["train"].append(run_once(w, None, None))
+        for cname, cfg in CONFIGS.items():
+            path = tmp / f"{w.name}-{cname}.zarr"
+            runs[cname].append(run_once(w, cfg, path))
+            if r == 0:
+                sizes[cname] = store_sizes(path)
+                if cname == "default":
+                    sample, where = delta_sample(path, sample_bytes)
+                    res["codec_on_deltas"] = {
+                        "codec": cfg.codec,
+                        "sample": where,
+                        "sample_mb": sample.nbytes / MB,
+                        **_machine.codec_speed(cfg.codec, sample),
+                    }
+            shutil.rmtree(path, ignore_errors=True)
+        log(
+            f"  {w.name} repeat {r + 1}/{w.repeats}: train {runs['train'][-1]['wall_s']:.1f} s, "
+            + ", ".join(f"{c} {runs[c][-1]['wall_s']:.1f} s" for c in CONFIGS)
+        )
+    crcs = {r["final_crc"] for rs in runs.values() for r in rs}
+    res["same_final_weights"] = len(crcs) == 1
+    res["num_params"] = sizes["default"]["num_params"]
+    train_wall, train_cpu = _med(runs["train"], "wall_s"), _med(runs["train"], "cpu_s")
+    res["train"] = {"wall_s": train_wall, "cpu_s": train_cpu, "runs": runs["train"]}
+    res["configs"] = {}
+    for cname in CONFIGS:
+        rs = runs[cname]
+        m = {
+            k: _med(rs, k)
+            for k in (
+                "wall_s",
+                "cpu_s",
+                "enter_s",
+                "step_s",
+                "flush_s",
+                "wait_s",
+                "close_s",
+                "bytes_raw",
+                "writer_s",
+            )
+        }
+        m["steps_per_block"] = rs[0]["steps_per_block"]
+        m["flushes"] = rs[0]["flushes"]
+        m["writer_parts"] = {
+            kind: {
+                "seconds": statistics.median(r["writer_parts"][kind]["seconds"] for r in rs),
+                "bytes": d["bytes"],
+                "calls": d["calls"],
+            }
+            for kind, d in rs[0]["writer_parts"].items()
+        }
+        m["writer_parts"]["other (commit, new arrays)"] = {
+            "seconds": m["writer_s"] - sum(d["seconds"] for d in m["writer_parts"].values())
+        }
+        m["overhead_wall"] = m["wall_s"] / train_wall
+        m["overhead_cpu"] = m["cpu_s"] / train_cpu
+        m["paired_overhead_wall"] = [
+            r["wall_s"] / t["wall_s"] for r, t in zip(rs, runs["train"], strict=True)
+        ]
+        m["step_ms"] = 1e3 * m["step_s"] / w.steps
+        m["writer_mbps"] = m["bytes_raw"] / m["writer_s"] / MB
+        m["raw_per_wall_mbps"] = m["bytes_raw"] / m["wall_s"] / MB
+        res["configs"][cname] = {**m, **sizes[cname], "runs": rs}
+    if profile:
+        last = tmp / f"{w.name}-profiled.zarr"
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        # fewer steps: cProfile slows rec.step, and the costs per step are what matters
+        p = run_once(replace(w, steps=min(w.steps, 60)), CONFIGS["default"], last, prof)
+        shutil.rmtree(last, ignore_errors=True)
+        res["profile"] = {
+            "config": "default",
+            "steps": min(w.steps, 60),
+            "step_s_profiled": p["step_s"],
+            "wall_s_profiled": time.perf_counter() - t0,
+            **profile_top(prof),
+        }
+        log(f"  {w.name}: profiled run {res['profile']['wall_s_profiled']:.1f} s")
+    return res
+
+
+def machine_limits(tmp: Path, quick: bool, samples: dict[str, Any]) -> dict[str, Any]:
+    size = 128 if quick else 1024
+    return {
+        "fsync_write_mbps": _machine.fsync_write_mbps(tmp, 64 if quick else 256),
+        "memcpy_mbps": _machine.memcpy_mbps(64 if quick else 256),
+        "raw_read": _machine.raw_read_mbps(tmp, size, repeats=1 if quick else 3),
+        "codec_on_deltas": samples,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# output
+
+TIME_COLUMNS = [  # (header, key of the per-config dict, format, divisor)
+    ("spb", "steps_per_block", "{}", None),
+    ("rec s", "wall_s", "{:.2f}", None),
+    ("x wall", "overhead_wall", "{:.2f}", None),
+    ("x cpu", "overhead_cpu", "{:.2f}", None),
+    ("enter s", "enter_s", "{:.2f}", None),
+    ("rec.step s", "step_s", "{:.2f}", None),
+    ("ms/step", "step_ms", "{:.2f}", None),
+    ("flush s", "flush_s", "{:.2f}", None),
+    ("wait s", "wait_s", "{:.2f}", None),
+    ("close s", "close_s", "{:.2f}", None),
+]
+BYTES_COLUMNS = [
+    ("raw MB", "bytes_raw", "{:.0f}", MB),
+    ("writer busy s", "writer_s", "{:.2f}", None),
+    ("writer MB/s", "writer_mbps", "{:.0f}", None),
+    ("raw/rec s MB/s", "raw_per_wall_mbps", "{:.0f}", None),
+    ("Δ MB stored", "delta_stored", "{:.1f}", MB),
+    ("ratio Δ", "ratio_delta", "{:.2f}", None),
+    ("ratio state", "ratio_state", "{:.2f}", None),
+    ("ratio store", "ratio_store", "{:.2f}", None),
+]
+
+
+def _fmt(v: Any, f: str, scale: float | None = None) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f.format(v / scale if scale else v)
+
+
+def _grid(head: list[str], rows: list[list[str]], left: int) -> list[str]:
+    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(wd) if j < left else c.rjust(wd)
+            for j, (c, wd) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return [line(head), line(["-" * wd for wd in widths]), *map(line, rows)]
+
+
+def table(report: dict[str, Any]) -> str:
+    t_rows, b_rows = [], []
+    for res in report["workloads"]:
+        first = True
+        for cname, m in res["configs"].items():
+            run = res["workload"] if first else ""
+            t_rows.append(
+                [
+                    run,
+                    f"{res['num_params'] / 1e6:.2f} M" if first else "",
+                    str(res["steps"]) if first else "",
+                    _fmt(res["train"]["wall_s"], "{:.2f}") if first else "",
+                    cname,
+                    *[_fmt(m.get(k), f, s) for _, k, f, s in TIME_COLUMNS],
+                ]
+            )
+            b_rows.append([run, cname, *[_fmt(m.get(k), f, s) for _, k, f, s in BYTES_COLUMNS]])
+            first = False
+    out = _grid(
+        ["run", "params", "steps", "train s", "config", *[c[0] for c in TIME_COLUMNS]], t_rows, 5
+    )
+    out.append("")
+    out += _grid(["run", "config", *[c[0] for c in BYTES_COLUMNS]], b_rows, 2)
+    lim = report["machine_limits"]
+    rr = lim["raw_read"]
+    out.append("")
+    out.append(
+        f"machine: fsync'd write {lim['fsync_write_mbps']:.0f} MB/s, memcpy "
+        f"{lim['memcpy_mbps']:.0f} MB/s, sequential read {rr['cold_mbps']:.0f} MB/s "
+        f"(page cache {'dropped' if rr['cache_dropped'] else 'NOT dropped'}), "
+        f"{rr['cached_mbps']:.0f} MB/s cached"
+    )
+    for name, c in lim["codec_on_deltas"].items():
+        out.append(
+            f"{c['codec']} on real Δ of {name} ({c['sample_mb']:.0f} MB, 1 thread): encode "
+            f"{c['encode_mbps']:.0f} MB/s, decode {c['decode_mbps']:.0f} MB/s, ratio "
+            f"{c['ratio']:.2f}"
+        )
+    f = report["machine"]
+    out.append(
+        f"{f['cpu_count']} CPUs, torch {f['torch']} ({report['torch_threads']} thread(s)), "
+        f"zarr {f['zarr']}, CUDA {'yes' if f['cuda'] else 'no'}; load avg "
+        f"{report['load_avg_start']:.1f} -> {report['load_avg_end']:.1f}, one busy thread got "
+        f"{report['cpu_share_start']:.0%} -> {report['cpu_share_end']:.0%} of a core; "
+        f"total {report['seconds_total']:.0f} s"
+    )
+    for res in report["workloads"]:  # the default config only (all of them in the JSON)
+        for cname, m in list(res["configs"].items())[:1]:
+            parts = ", ".join(
+                f"{kind} {d['seconds']:.2f} s"
+                + (
+                    f" ({d['calls']} writes, {d['bytes'] / MB / d['seconds']:.0f} MB/s)"
+                    if d.get("calls") and d["seconds"] > 0
+                    else ""
+                )
+                for kind, d in m["writer_parts"].items()
+            )
+            out.append(f"writer time {res['workload']} {cname}: {parts}")
+    same = all(r["same_final_weights"] for r in report["workloads"])
+    out.append(f"recording leaves training unchanged (same final weights): {same}")
+    for res in report["workloads"]:
+        if "profile" in res:
+            p = res["profile"]
+            out.append(
+                f"rec.step profile, {res['workload']} ({p['step_s_profiled']:.2f} s in rec.step "
+                "under cProfile), top own time:"
+            )
+            for r in p["top_tottime"][:6]:
+                out.append(f"  {r['tottime']:7.3f} s {r['calls']:>7}x  {r['function']}")
+    return "\n".join(out)
+
+
+def _strict(x: Any) -> Any:
+    """Plain JSON: NaN/inf become null, numpy scalars Python numbers."""
+    if isinstance(x, dict):
+        return {str(k): _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results/recording.json")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="override repeats per workload")
+    ap.add_argument("--profile", action="store_true", help="cProfile rec.step once per workload")
+    ap.add_argument("--tmp-dir", type=Path, default=None, help="where stores are written")
+    ap.add_argument("--only", default=None, help="comma-separated workload names")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    share0 = _machine.cpu_share()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    report: dict[str, Any] = {
+        "benchmark": "recording",
+        "quick": args.quick,
+        "torch_threads": args.threads,
+        "machine": _machine.machine_facts(),
+        "configs": {k: v.to_json() | {"encodings": []} for k, v in CONFIGS.items()},
+        "load_avg_start": load0,
+        "cpu_share_start": share0,
+        "workloads": [],
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="hs-bench-recording-", dir=args.tmp_dir))
+    try:
+        wls = workloads(args.quick, args.repeats)
+        if args.only:
+            keep = set(args.only.split(","))
+            wls = [w for w in wls if w.name in keep]
+        samples = {}
+        for w in wls:
+            log(f"{w.name}: {w.title}, {w.steps} steps x {w.repeats} repeats")
+            res = bench_workload(w, tmp, args.profile, 8 << 20 if args.quick else 32 << 20, log)
+            samples[w.name] = res.pop("codec_on_deltas")
+            report["workloads"].append(res)
+        log("machine limits")
+        report["machine_limits"] = machine_limits(tmp, args.quick, samples)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report["load_avg_end"] = os.getloadavg()[0]
+    report["cpu_share_end"] = _machine.cpu_share()
+    report["seconds_total"] = time.perf_counter() - t_start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(_strict(report), indent=1, allow_nan=False) + "\n")
+    print(table(report))
+    print(f"\nsaved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
