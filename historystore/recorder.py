@@ -258,7 +258,7 @@ class Recorder:
             recorder={**cfg.to_json(), "steps_per_block": spb},
         )
         self._group = zarr.open_group(self.path, mode="w", zarr_format=3)
-        self._group.attrs.update({layout.ATTR_KEY: self.meta.to_json()})
+        self._group.update_attributes({layout.ATTR_KEY: self.meta.to_json()})
         create_layout(self._group, self.meta, spb)
         self._commit = Commit()
 

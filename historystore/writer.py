@@ -10,6 +10,7 @@ half-written visible. One writer per store (shards are never written concurrentl
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from . import codecs, layout
 from .encodings import get_encoding
@@ -225,7 +227,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
             description=desc,
         )
     c = group.create_group("commit")
-    c.attrs.update(
+    c.update_attributes(
         {
             **Commit().__dict__,
             "description": "committed counts: readers trust "
@@ -273,6 +275,7 @@ class BlockWriter:
         self._queue: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._puts: list[tuple[zarr.Array, int, np.ndarray]] = []
         self.bytes_raw = 0
         self.seconds_busy = 0.0
         self._thread = threading.Thread(target=self._run, name="historystore-writer", daemon=True)
@@ -325,15 +328,39 @@ class BlockWriter:
             arr = self._arrays[path] = self.group[path].with_config({"write_empty_chunks": True})
         return arr
 
-    def _put_rows(self, path: str, start: int, data: np.ndarray) -> None:
-        arr = self._array(path)
-        stop = start + data.shape[0]
-        if data.shape[0] == 0:
+    def _put_rows(self, path: str, start: int, data: np.ndarray | None) -> None:
+        """Queue rows ``start:start+len(data)`` of ``path``; :meth:`_flush` writes them."""
+        if data is None or data.shape[0] == 0:
             return
-        if arr.shape[0] < stop:
-            arr.resize((stop, *arr.shape[1:]))
-        arr[start:stop] = data
+        self._puts.append((self._array(path), start, data))
         self.bytes_raw += data.nbytes
+
+    def _flush(self) -> None:
+        """Write every queued put concurrently on zarr's event loop.
+
+        Why: a block touches dozens of arrays, and each zarr write is mostly latency (metadata
+        JSON for the resize, a read-modify-write of the edge chunk, a thread hop per codec
+        call); awaiting them together overlaps that latency and the codecs' GIL-free work.
+        """
+        by_array: dict[int, list[tuple[zarr.Array, int, np.ndarray]]] = {}
+        for put in self._puts:
+            by_array.setdefault(id(put[0]), []).append(put)
+        self._puts = []
+
+        async def put_rows(puts: list[tuple[zarr.Array, int, np.ndarray]]) -> None:
+            # puts to one array run in order: two concurrent resizes could shrink it again
+            for arr, start, data in puts:
+                aa = arr._async_array
+                stop = start + data.shape[0]
+                if aa.shape[0] < stop:
+                    await aa.resize((stop, *aa.shape[1:]))
+                await aa.setitem(slice(start, stop), data)
+
+        async def put_all() -> None:
+            await asyncio.gather(*(put_rows(p) for p in by_array.values()))
+
+        if by_array:
+            sync(put_all())
 
     def write(self, block: Block) -> None:
         """Write one block's data, then its commit marker (the order matters)."""
@@ -354,7 +381,7 @@ class BlockWriter:
                     self.meta.recorder["steps_per_block"],
                     self.meta.recorder["chunk_bytes"],
                 )
-                self.group.attrs.update({layout.ATTR_KEY: self.meta.to_json()})
+                self.group.update_attributes({layout.ATTR_KEY: self.meta.to_json()})
             nonfinite = np.zeros((n, len(self.meta.tensors)), dtype=np.int32)
             for i, t in enumerate(self.meta.tensors):
                 for array, data in block.arrays[t.name].items():
@@ -383,6 +410,7 @@ class BlockWriter:
             for name, value in kf.buffers.items():
                 self._put_rows(layout.buffer_path(name), row, value[None])
             self._put_rows("keyframe_steps", row, np.array([kf.step], dtype=np.int64))
+        self._flush()  # all data is on disk before the commit marker moves
         new = Commit(
             num_steps=t0 + n,
             num_ids=c.num_ids + (0 if block.ids is None else len(block.ids)),
@@ -391,7 +419,9 @@ class BlockWriter:
             num_fixes=c.num_fixes + (0 if block.fix_index is None else len(block.fix_index)),
             num_keyframes=c.num_keyframes + len(block.keyframes),
         )
-        self.group["commit"].attrs.update({**new.__dict__, "updated": time.time()})
+        # one metadata write: zarr's ``attrs.update`` writes the JSON once per key, and a kill
+        # between two of those writes would leave a commit that mixes two blocks' counts
+        self.group["commit"].update_attributes({**new.__dict__, "updated": time.time()})
         self.commit = new
 
 

@@ -236,3 +236,34 @@ def test_sigkill_mid_run_leaves_a_sound_resumable_store(tmp_path, digits):
         assert torch.equal(final[n], p.detach()), n
     report = verify(str(path))
     assert report.ok and not report.notes, (report.problems, report.notes)
+
+
+def test_a_commit_is_one_metadata_write(tmp_path, digits, monkeypatch):
+    """zarr's ``attrs.update`` writes the JSON once per key: a kill between two of those
+    writes left a commit mixing two blocks' counts (found by the SIGKILL test)."""
+    import zarr.storage._local as local
+
+    writes: list[bytes] = []
+    real_put = local._put
+
+    def put(path, value, exclusive=False):
+        if str(path).endswith(os.path.join("commit", "zarr.json")):
+            writes.append(bytes(value.as_buffer_like()))
+        return real_put(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", put)
+    model = DigitsCNN(channels=8, hidden=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = hs.RecorderConfig(keyframe_every=8, steps_per_block=4)
+    with hs.Recorder(tmp_path / "c.zarr", model, opt, cfg) as rec:
+        for _ in range(12):
+            idx, loss = _train_step(model, opt, digits)
+            rec.step(idx, loss=loss)
+    counts = [json.loads(w)["attributes"] for w in writes]
+    assert counts[0] == {}  # the empty group, before the layout exists
+    # the initial counts, θ_0's keyframe, three blocks of 4 steps, the final keyframe at 12:
+    # one write each, and every write carries all counts
+    assert [c.get("num_steps") for c in counts[1:]] == [0, 0, 4, 8, 12, 12]
+    assert [c.get("num_keyframes") for c in counts[1:]] == [0, 1, 1, 2, 2, 3]
+    assert all(set(c) >= {"num_steps", "num_ids", "num_fixes", "num_keyframes"} for c in counts[1:])
+    assert counts[-1]["num_ids"] == hs.open_store(tmp_path / "c.zarr").commit.num_ids
