@@ -1,31 +1,15 @@
-"""Benchmark: explaining test points by streaming a recorded history.
+"""Explain benchmark: wall time to explain B = 1..512 test points by streaming a recorded history
+(default codec, and no codec) vs the published baseline of one ``torch.save`` file per step, beside
+the machine's limits on the same files: raw sequential read (page cache dropped), zarr read+decode.
 
-Records a run large enough that the store holds hundreds of MB (a CNN front end + a wide
-Linear layer, a few million parameters, on generated data) in a temporary directory, and
-alongside it the baseline of the published code: one ``torch.save`` file of Δ_t per step. Then,
-for test batch sizes B ∈ {1, 8, 64, 512}, it measures in the same run:
-
-* ``scan``: ``historystore.attribution`` explaining B test points (one pass over the store;
-  prefetching scan, steps batched into one GEMM/conv per block; dask threads over ranges),
-* ``baseline``: the same decomposition from the per-step ``torch.save`` files, one step at a
-  time (load a file, compute that step),
-
-next to the machine's limits: raw sequential read of the store's files and zarr read+decode of
-the same arrays with no compute. Before every measured pass the files are dropped from the page
-cache with ``posix_fadvise(DONTNEED)`` (after fsync) where the OS has it; otherwise the figures
-are marked "cached". Prints a table and writes ``benchmarks/results/explain.json``.
-
-    python benchmarks/explain.py            # full (~hundreds of MB, a few minutes on 2 cores)
-    python benchmarks/explain.py --quick    # small, < 1 minute
+    python -m benchmarks.explain           # full, ~2-5 min: writes benchmarks/results/explain.json
+    python -m benchmarks.explain --quick   # < 1 min, writes to a temp folder (or --out PATH)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +26,30 @@ import historystore as hs
 from historystore import layout
 from historystore.attribution import Engine, adapter_for
 
-MB = 1e6
+try:  # run as a module (python -m benchmarks.explain) or as a script
+    from benchmarks import _machine
+except ImportError:  # pragma: no cover
+    import _machine  # type: ignore[no-redef]
+
+MB = _machine.MB
+
+DETAILS = """\
+Records a run large enough that the store holds hundreds of MB (a CNN front end + a wide
+Linear layer, a few million parameters, on generated data) in a temporary directory, and
+alongside it the baseline of the published code: one ``torch.save`` file of Δ_t per step. Then,
+for each test batch size B, it measures in the same run:
+
+* scan: ``historystore.attribution`` explaining B test points (one pass over the store;
+  prefetching scan, steps batched into one GEMM/conv per block; dask threads over ranges),
+* baseline: the same decomposition from the per-step ``torch.save`` files, one step at a
+  time (load a file, compute that step),
+
+next to the machine's limits: raw sequential read of the store's files and zarr read+decode of
+the same arrays with no compute. Before every measured pass the files are dropped from the page
+cache with ``posix_fadvise(DONTNEED)`` (after fsync) where the OS has it; otherwise the figures
+are marked "cached". Prints a table and writes JSON (--quick: to a temporary folder unless --out
+is given, so that the committed results stay as they are).
+"""
 
 
 @dataclass(frozen=True)
@@ -73,40 +80,6 @@ class BenchNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv(x)).flatten(1)
         return self.fc2(torch.relu(self.fc1(x)))
-
-
-# -- page cache --------------------------------------------------------------------------------
-def files_under(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file())
-
-
-def drop_cache(paths: list[Path]) -> bool:
-    """Evict files from the page cache (fsync first: dirty pages cannot be dropped)."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
-
-
-def fs_type(path: Path) -> str:
-    """The filesystem of ``path`` (tmpfs would make every read a memory read)."""
-    best, kind = "", "unknown"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                mount = parts[1] if len(parts) > 2 else ""
-                if str(path.resolve()).startswith(mount) and len(mount) > len(best):
-                    best, kind = mount, parts[2]
-    except OSError:
-        pass
-    return kind
 
 
 # -- recording ---------------------------------------------------------------------------------
@@ -152,11 +125,11 @@ def record(tmp: Path, cfg: Config) -> dict[str, Any]:
     t_close = time.perf_counter() - t1
     store = hs.open_store(store_path)
     params = sum(p.numel() for p in model.parameters())
-    stored = sum(f.stat().st_size for f in files_under(store_path))
+    stored = _machine.du(store_path)
     return {
         "store": store_path,
         "store_nocodec": raw_path,
-        "bytes_stored_nocodec": sum(f.stat().st_size for f in files_under(raw_path)),
+        "bytes_stored_nocodec": _machine.du(raw_path),
         "baseline_dir": base_dir,
         "x_test": x[n:],
         "params": params,
@@ -164,7 +137,7 @@ def record(tmp: Path, cfg: Config) -> dict[str, Any]:
         "steps_per_block": store.steps_per_block,
         "bytes_raw": params * 4 * store.num_steps,
         "bytes_stored": stored,
-        "bytes_baseline": sum(f.stat().st_size for f in files_under(base_dir)),
+        "bytes_baseline": _machine.du(base_dir),
         "seconds_total": time.perf_counter() - t0,
         "seconds_rec_step": t_rec,
         "seconds_rec_step_nocodec": t_rec_raw,
@@ -181,14 +154,9 @@ def delta_arrays(store: hs.HistoryStore) -> list[Path]:
 def raw_read(paths: list[Path], cold: bool) -> tuple[float, int]:
     """Sequential read of the files, 16 MB at a time (the floor for any reader)."""
     if cold:
-        drop_cache(paths)
-    buf = bytearray(16 << 20)
-    total = 0
+        _machine.drop_from_page_cache(*paths)
     t0 = time.perf_counter()
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                total += n
+    total = _machine.read_files(paths, 16 << 20)
     return time.perf_counter() - t0, total
 
 
@@ -197,7 +165,7 @@ def zarr_decode(store: hs.HistoryStore, cold: bool, threads: int) -> float:
     many blocks in flight as the scan's prefetch keeps (``threads``)."""
     arrays = [zarr.open_array(str(p), mode="r") for p in delta_arrays(store)]
     if cold:
-        drop_cache([f for p in delta_arrays(store) for f in files_under(p)])
+        _machine.drop_from_page_cache(*delta_arrays(store))
 
     def read(r: tuple[int, int]) -> None:
         for arr in arrays:
@@ -258,7 +226,7 @@ def baseline_explain(
 # -- main --------------------------------------------------------------------------------------
 def limits(store: hs.HistoryStore, raw_bytes: int, cold: bool) -> dict[str, float]:
     """Raw sequential read and zarr read+decode of the store's delta arrays."""
-    files = [f for p in delta_arrays(store) for f in files_under(p)]
+    files = _machine.files_under(*delta_arrays(store))
     t_raw, nbytes = raw_read(files, cold)
     t_cached, _ = raw_read(files, False)
     t_dec1 = zarr_decode(store, cold, 1)
@@ -280,19 +248,19 @@ def time_scan(
     """Cold-cache wall time of explaining ``x`` in one test batch (engine set up beforehand:
     restore and index are per store, not per test batch)."""
     engine = Engine(store, model, layers, progress=False, **kw)
-    drop_cache([f for p in delta_arrays(store) for f in files_under(p)])
+    _machine.drop_from_page_cache(*delta_arrays(store))
     t0 = time.perf_counter()
     res = engine.explain(x, test_batch_size=len(x))
     return time.perf_counter() - t0, res
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small run (< 1 minute)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "explain.json")
+    ap = _machine.arg_parser(__doc__, DETAILS, "small run (< 1 min)", "explain.json")
     ap.add_argument("--workdir", type=Path, default=None, help="where the temp run is recorded")
     ap.add_argument("--device", default=None, help="explain device (default: CUDA if present)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = _machine.results_dir(args.quick) / "explain.json"
     cfg = QUICK if args.quick else FULL
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -312,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         lim = limits(store, raw_bytes, can_drop)
         lim_nc = limits(store_nc, raw_bytes, can_drop)
-        base_files = files_under(run["baseline_dir"])
+        base_files = _machine.files_under(run["baseline_dir"])
         t_base_raw, base_bytes = raw_read(base_files, can_drop)
         lim_base = {"raw_read_MBps": base_bytes / t_base_raw / MB}
         layers = ["conv", "fc1", "fc2"]
@@ -327,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             t_sync, res = time_scan(store, model, layers, x, scheduler="sync", device=args.device)
             t_thr, _ = time_scan(store, model, layers, x, num_workers=2, device=args.device)
             t_nc, _ = time_scan(store_nc, model, layers, x, scheduler="sync", device=args.device)
-            drop_cache(base_files)
+            _machine.drop_from_page_cache(*base_files)
             t0 = time.perf_counter()
             base = baseline_explain(base_files, model, x, layers)  # model holds θ_T now
             t_base = time.perf_counter() - t0
@@ -363,18 +331,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"baseline {t_base:6.2f} s",
                 flush=True,
             )
+        facts = _machine.machine_facts()
         result = {
             "config": asdict(cfg),
             "machine": {
-                "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
+                "cpu_count": facts["cpu_count"],
+                "torch_threads": facts["torch_threads"],
                 "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-                "platform": platform.platform(),
-                "python": sys.version.split()[0],
-                "torch": torch.__version__,
-                "zarr": zarr.__version__,
-                "device": str(args.device or ("cuda" if torch.cuda.is_available() else "cpu")),
-                "filesystem": fs_type(tmp),
+                "platform": facts["platform"],
+                "python": facts["python"],
+                "torch": facts["torch"],
+                "zarr": facts["zarr"],
+                "device": str(args.device or ("cuda" if facts["cuda"] else "cpu")),
+                "filesystem": _machine.filesystem(tmp),
                 "reads": "cold (posix_fadvise DONTNEED after fsync)"
                 if can_drop
                 else "cached (no posix_fadvise)",

@@ -1,60 +1,14 @@
 #!/usr/bin/env python
-"""Recording benchmark: what ``historystore.Recorder`` costs a training loop, how fast it writes
-and how well the default codec compresses real deltas, beside the machine's own limits.
+"""Recording benchmark: what ``historystore.Recorder`` costs a training loop (wall/CPU overhead,
+``rec.step``, backpressure), its writer's MB/s and the default codec's ratio on real deltas and
+optimizer state, beside the machine's limits: fsync'd write, memcpy, sequential read, codec speed.
 
-Usage::
-
-    python benchmarks/recording.py [--quick] [--out benchmarks/results/recording.json]
-                                   [--threads 1] [--repeats N] [--only cnn-sgdm,...]
-                                   [--profile] [--tmp-dir DIR]
-
-Workloads (CPU, deterministic, seeded; the same batches with and without the recorder):
-
-* ``cnn-sgdm``   DigitsCNN(channels=16, hidden=64) on scikit-learn digits, SGD lr 0.05
-  momentum 0.9, 300 steps of batch 32
-* ``cnn-adamw``  the same, AdamW lr 2e-3 weight decay 0.01
-* ``mlp-adamw``  an MLP 512-2048-1024-10 (3.2 M parameters) on generated data (Gaussian inputs
-  labelled by a random teacher network), AdamW lr 1e-3, 150 steps of batch 64
-
-Configs: ``default`` = ``RecorderConfig()`` (optimizer state every step), ``no-state`` =
-``RecorderConfig(optimizer_state="none")``. Each workload runs training alone ("train") and
-under each config, interleaved (train, default, no-state, train, ...), ``--repeats`` times;
-figures are medians.
-
-Measured:
-
-* time: wall and CPU seconds (CPU = this process, all threads: the writer's compression
-  included) of the whole loop; for recorded runs ``Recorder.__enter__`` through ``close()``.
-  overhead = recorded / train (medians). ``rec.step`` = seconds inside ``rec.step`` over the
-  run, of which ``flush`` is the time of the block-boundary flushes (building the block, checksums
-  of θ) and ``wait`` the time the loop was blocked handing blocks to the writer (backpressure);
-  ``close`` = the time ``close()`` waited for the writer to finish.
-* writer time by kind of array ("writer time" lines): seconds, writes and MB/s of the writer's
-  ``_put_rows`` for deltas, optimizer state, keyframes and the small per-step arrays (scalars,
-  batch ids, fixes); the rest of its busy time is commits and creating arrays.
-* write throughput: raw bytes handed to zarr (the writer's ``bytes_raw``: uncompressed, deltas,
-  optimizer state, keyframes, ids, ...) per second the writer thread was busy, and per second of
-  the whole recorded loop (training included).
-* compression of the default codec, from ``historystore.inspect.info``: dense delta bytes /
-  stored delta bytes ("ratio Δ"), the same for the optimizer state arrays, and for the whole store.
-* machine limits (``benchmarks/_machine.py``): fsync'd write, memcpy, sequential read with the
-  page cache dropped and cached, and the default codec's single-thread encode/decode speed on
-  real deltas of each workload.
-
-``--profile`` adds one cProfile'd recorded run per workload (at most 60 steps; profiling only
-inside ``rec.step``; its timings are not used elsewhere) and keeps the top functions in the JSON.
-
-The report also gives the load average and the share of a core one busy thread got at the start
-and the end (``_machine.cpu_share``): on a shared machine every time above is inflated by it.
-
-Torch uses ``--threads`` threads (default 1): on a small shared machine more OpenMP threads
-than free cores make the timings meaningless; the recorder's writer thread runs beside them.
+    python -m benchmarks.recording           # full, ~4 min: benchmarks/results/recording.json
+    python -m benchmarks.recording --quick   # < 1 min, writes to a temp folder (or --out PATH)
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import cProfile
 import itertools
 import json
@@ -78,14 +32,62 @@ import torch.nn.functional as F
 from torch import nn
 
 import historystore as hs
-from historystore.inspect import committed_arrays, info
+from historystore.inspect import _row_bytes, committed_arrays, info
 
-try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.recording
-    import _machine
-except ImportError:  # pragma: no cover
+try:  # run as a module (python -m benchmarks.recording) or as a script
     from benchmarks import _machine
+except ImportError:  # pragma: no cover
+    import _machine  # type: ignore[no-redef]
 
 MB = _machine.MB
+
+DETAILS = """\
+Workloads (CPU, deterministic, seeded; the same batches with and without the recorder):
+
+* ``cnn-sgdm``   DigitsCNN(channels=16, hidden=64) on scikit-learn digits, SGD lr 0.05
+  momentum 0.9, 300 steps of batch 32
+* ``cnn-adamw``  the same, AdamW lr 2e-3 weight decay 0.01
+* ``mlp-adamw``  an MLP 512-2048-1024-10 (3.2 M parameters) on generated data (Gaussian inputs
+  labelled by a random teacher network), AdamW lr 1e-3, 150 steps of batch 64
+
+Configs: ``default`` = ``RecorderConfig()`` (optimizer state every step), ``no-state`` =
+``RecorderConfig(optimizer_state="none")``. Each workload runs training alone ("train") and
+under each config, interleaved (train, default, no-state, train, ...), ``--repeats`` times;
+figures are medians.
+
+Measured:
+
+* time: wall and CPU seconds (CPU = this process, all threads: the writer's compression
+  included) of the whole loop; for recorded runs ``Recorder.__enter__`` through ``close()``.
+  overhead = recorded / train (medians). ``rec.step`` = seconds inside ``rec.step`` over the
+  run, of which ``flush`` is the time of the block-boundary flushes (building the block, checksums
+  of θ) and ``wait`` the time the loop was blocked handing blocks to the writer (backpressure);
+  ``close`` = the time ``close()`` waited for the writer to finish.
+* writer time ("writer time" lines): writes and MB per kind of array (deltas, optimizer state,
+  keyframes, the small per-step arrays), the seconds of the block's concurrent array writes,
+  and the rest of the writer's busy time (commits, creating arrays).
+* write throughput: raw bytes handed to zarr (the writer's ``bytes_raw``: uncompressed, deltas,
+  optimizer state, keyframes, ids, ...) per second the writer thread was busy, and per second of
+  the whole recorded loop (training included).
+* compression of the default codec, from ``historystore.inspect.info``: dense delta bytes /
+  stored delta bytes ("ratio Δ"), the same for the optimizer state arrays, and for the whole store.
+* machine limits (``benchmarks/_machine.py``): fsync'd write, memcpy, sequential read with the
+  page cache dropped and cached, and the default codec's single-thread encode/decode speed on
+  real deltas of each workload.
+
+``--profile`` adds one cProfile'd recorded run per workload (at most 60 steps; profiling only
+inside ``rec.step``; its timings are not used elsewhere) and keeps the top functions in the JSON.
+
+The report also gives the load average and the share of a core one busy thread got at the start
+and the end (``_machine.cpu_share``): on a shared machine every time above is inflated by it.
+
+Torch uses ``--threads`` threads (default 1): on a small shared machine more OpenMP threads
+than free cores make the timings meaningless; the recorder's writer thread runs beside them.
+
+--quick sizes every workload down (< 1 minute) and writes to a temporary folder unless --out is
+given, so that the committed results stay as they are.
+"""
+
 CONFIGS: dict[str, hs.RecorderConfig] = {
     "default": hs.RecorderConfig(),
     "no-state": hs.RecorderConfig(optimizer_state="none"),
@@ -129,15 +131,6 @@ class Workload:
         return [torch.randperm(len(self.y), generator=g)[: self.batch] for _ in range(self.steps)]
 
 
-def teacher_data(dim: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian inputs labelled by a random two-layer teacher network (10 classes)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g)
-    w1 = torch.randn(dim, 256, generator=g) / math.sqrt(dim)
-    w2 = torch.randn(256, 10, generator=g) / math.sqrt(256)
-    return x, (torch.relu(x @ w1) @ w2).argmax(1)
-
-
 def workloads(quick: bool, repeats: int | None) -> list[Workload]:
     from historystore.demo.data import load_digits
     from historystore.demo.model import DigitsCNN
@@ -145,7 +138,7 @@ def workloads(quick: bool, repeats: int | None) -> list[Workload]:
     d = load_digits()
     cnn_steps, mlp_steps = (60, 20) if quick else (300, 150)
     dims = (256, 1024, 512, 10) if quick else (512, 2048, 1024, 10)
-    mx, my = teacher_data(dims[0], 4096)
+    mx, my = _machine.teacher_data(dims[0], 4096)
     r_cnn = repeats or (1 if quick else 3)
     r_mlp = repeats or (1 if quick else 2)
 
@@ -215,25 +208,36 @@ class _Timed:
 
 
 class _WriterParts:
-    """Sums the writer thread's seconds, bytes and calls of ``_put_rows`` by kind of array."""
+    """The writer thread's bytes and writes by kind of array, and the seconds of its
+    concurrent array writes (one ``_flush`` per block: the kinds overlap in time, so their
+    seconds are not separable); the rest of its busy time is commits and new arrays."""
+
+    FLUSH = "array writes (all kinds, concurrent)"
 
     def __init__(self, writer: Any) -> None:
         self.parts: dict[str, dict[str, float]] = {}
-        orig = getattr(writer, "_put_rows", None)
-        if orig is None:
+        put, flush = getattr(writer, "_put_rows", None), getattr(writer, "_flush", None)
+        if put is None or flush is None:
             return
 
-        def timed(path: str, start: int, data: np.ndarray) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return orig(path, start, data)
-            finally:
+        def counted(path: str, start: int, data: np.ndarray | None) -> Any:
+            if data is not None and len(data):
                 d = self.parts.setdefault(_kind(path), {"seconds": 0.0, "bytes": 0, "calls": 0})
-                d["seconds"] += time.perf_counter() - t0
                 d["bytes"] += data.nbytes
                 d["calls"] += 1
+            return put(path, start, data)
 
-        writer._put_rows = timed
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return flush()
+            finally:
+                d = self.parts.setdefault(self.FLUSH, {"seconds": 0.0, "bytes": 0, "calls": 0})
+                d["seconds"] += time.perf_counter() - t0
+                d["calls"] += 1
+
+        writer._put_rows = counted
+        writer._flush = timed
 
 
 def _kind(path: str) -> str:
@@ -327,15 +331,6 @@ def run_once(
 # store contents
 
 
-def _du(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(os.path.join(root, f))
-    return total
-
-
 def _ratio(raw: float, stored: float) -> float:
     return raw / stored if stored else math.nan
 
@@ -349,9 +344,8 @@ def store_sizes(path: Path) -> dict[str, Any]:
     s_raw = s_stored = 0
     for p, rows in committed_arrays(store).items():
         if p.startswith("optim/"):
-            arr = store.group[p]
-            s_raw += rows * int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
-            s_stored += _du(path / p)
+            s_raw += rows * _row_bytes(store.group[p])
+            s_stored += _machine.du(path / p)
     return {
         "delta_raw": d_raw,
         "delta_stored": d_stored,
@@ -365,16 +359,6 @@ def store_sizes(path: Path) -> dict[str, Any]:
         "num_replay_fixes": summary["num_replay_fixes"],
         "num_params": summary["num_parameters"],
     }
-
-
-def delta_sample(path: Path, max_bytes: int) -> tuple[np.ndarray, str]:
-    """Real deltas of the largest tensor of a lossless store, about ``max_bytes``."""
-    store = hs.open_store(str(path))
-    t = max(store.tensors, key=lambda t: t.numel)
-    steps = max(1, min(store.num_steps, max_bytes // t.nbytes))
-    s0 = store.num_steps // 2 - steps // 2
-    d = np.asarray(store.encoded(t.name, s0, s0 + steps)["delta"])
-    return d, f"{t.name} {list(t.shape)} steps {s0}-{s0 + steps - 1}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -430,7 +414,7 @@ def bench_workload(
             if r == 0:
                 sizes[cname] = store_sizes(path)
                 if cname == "default":
-                    sample, where = delta_sample(path, sample_bytes)
+                    sample, where = _machine.delta_sample(path, sample_bytes)
                     res["codec_on_deltas"] = {
                         "codec": cfg.codec,
                         "sample": where,
@@ -609,11 +593,8 @@ def table(report: dict[str, Any]) -> str:
         for cname, m in list(res["configs"].items())[:1]:
             parts = ", ".join(
                 f"{kind} {d['seconds']:.2f} s"
-                + (
-                    f" ({d['calls']} writes, {d['bytes'] / MB / d['seconds']:.0f} MB/s)"
-                    if d.get("calls") and d["seconds"] > 0
-                    else ""
-                )
+                if d["seconds"] > 0 or not d.get("calls")
+                else f"{kind} {d['calls']} writes {d['bytes'] / MB:.0f} MB"
                 for kind, d in m["writer_parts"].items()
             )
             out.append(f"writer time {res['workload']} {cname}: {parts}")
@@ -631,29 +612,16 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _strict(x: Any) -> Any:
-    """Plain JSON: NaN/inf become null, numpy scalars Python numbers."""
-    if isinstance(x, dict):
-        return {str(k): _strict(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_strict(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results/recording.json")
+    ap = _machine.arg_parser(__doc__, DETAILS, "small run (< 1 min)", "recording.json")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--repeats", type=int, default=None, help="override repeats per workload")
     ap.add_argument("--profile", action="store_true", help="cProfile rec.step once per workload")
     ap.add_argument("--tmp-dir", type=Path, default=None, help="where stores are written")
     ap.add_argument("--only", default=None, help="comma-separated workload names")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = _machine.results_dir(args.quick) / "recording.json"
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -693,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     report["cpu_share_end"] = _machine.cpu_share()
     report["seconds_total"] = time.perf_counter() - t_start
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_strict(report), indent=1, allow_nan=False) + "\n")
+    args.out.write_text(json.dumps(_machine.plain_json(report), indent=1, allow_nan=False) + "\n")
     print(table(report))
     print(f"\nsaved {args.out}")
     return 0

@@ -1,11 +1,52 @@
 #!/usr/bin/env python
-"""Storage benchmark: compression ratio, speed, error and attribution fidelity of every codec
-and delta encoding on real recorded training runs.
+"""Storage benchmark: ratio, write/read MB/s, reconstruction error and attribution fidelity (vs the
+lossless store) of every codec and delta encoding on five recorded runs, beside the machine's
+limits: sequential read (page cache dropped), memcpy, each codec's one-thread speed on real deltas.
 
-Usage::
+    python -m benchmarks.storage           # full, ~7 min: benchmarks/results/storage.{json,md,png}
+    python -m benchmarks.storage --quick   # ~1-2 min, writes to a temp folder (or --out-dir DIR)
+"""
 
-    python benchmarks/storage.py [--quick] [--out-dir benchmarks/results] [--tmp-dir DIR]
+from __future__ import annotations
 
+import contextlib
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import historystore as hs
+from historystore.demo.data import load_digits
+from historystore.demo.model import DigitsCNN
+from historystore.encodings import EncodingRule
+from historystore.inspect import info
+
+try:  # run as a module (python -m benchmarks.storage) or as a script
+    from benchmarks import _machine
+except ImportError:  # pragma: no cover
+    import _machine  # type: ignore[no-redef]
+
+MB = _machine.MB
+DEFAULT_CODEC = "blosc-zstd1-bitshuffle"
+NUM_TEST = 32
+TOP = 10
+
+DETAILS = """\
 Runs (each a real training run, recorded by :class:`historystore.Recorder`):
 
 * ``cnn-sgdm``   DigitsCNN(channels=16, hidden=64) on digits, SGD lr 0.05 momentum 0.9
@@ -55,47 +96,10 @@ sketches apply only to tensors with at least 2k elements (a k-sketch of a smalle
 larger than the tensor and still lossy). Lossy settings use the default codec
 (blosc-zstd1-bitshuffle). Outputs: ``storage.json``, ``storage.md`` and ``storage.png`` (rate vs
 attribution fidelity) in ``--out-dir``, and a compact table on the terminal.
+
+--quick sizes the runs and settings down (1-2 minutes) and writes to a temporary folder unless
+--out-dir is given, so that the committed results stay as they are.
 """
-
-from __future__ import annotations
-
-import argparse
-import contextlib
-import itertools
-import json
-import math
-import os
-import shutil
-import sys
-import tempfile
-import textwrap
-import time
-import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-import historystore as hs
-from historystore.demo.data import load_digits
-from historystore.demo.model import DigitsCNN
-from historystore.encodings import EncodingRule
-from historystore.inspect import info
-
-try:  # run as a script (benchmarks/ on sys.path) or as benchmarks.storage
-    import _machine
-except ImportError:  # pragma: no cover
-    from benchmarks import _machine
-
-MB = _machine.MB
-DEFAULT_CODEC = "blosc-zstd1-bitshuffle"
-NUM_TEST = 32
-TOP = 10
 
 
 # ------------------------------------------------------------------------------------------
@@ -133,12 +137,8 @@ def digits_data() -> Data:
 
 
 def teacher_data(dim: int, n_train: int, seed: int = 0) -> Data:
-    """Gaussian inputs labelled by a random two-layer teacher network (10 classes)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_train + NUM_TEST, dim, generator=g)
-    w1 = torch.randn(dim, 256, generator=g) / math.sqrt(dim)
-    w2 = torch.randn(256, 10, generator=g) / math.sqrt(256)
-    y = (torch.relu(x @ w1) @ w2).argmax(1)
+    """``_machine.teacher_data`` with ``NUM_TEST`` more points held out as the test set."""
+    x, y = _machine.teacher_data(dim, n_train + NUM_TEST, seed)
     return Data(x[:n_train], y[:n_train], x[n_train:])
 
 
@@ -385,21 +385,6 @@ def record(run: Run, data: Data, setting: Setting, path: Path) -> dict[str, floa
 # reading
 
 
-def drop_cache(path: Path) -> bool:
-    """fsync and posix_fadvise(DONTNEED) every file under ``path``; False where unsupported."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for root, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    return True
-
-
 def dense_capable(store: hs.HistoryStore) -> list[str]:
     return [n for n in store.tensor_names if "dense" in store.encodings[n].capabilities]
 
@@ -420,7 +405,7 @@ def iter_blocks(store: hs.HistoryStore) -> Iterator[tuple[int, int, dict, dict]]
 def timed_scan(store_path: Path, cold: bool) -> float:
     """Seconds for one full scan of every delta (decoded where decodable)."""
     if cold:
-        drop_cache(store_path)
+        _machine.drop_from_page_cache(store_path)
     t0 = time.perf_counter()
     store = hs.open_store(store_path)
     for _, _, deltas, raw in iter_blocks(store):
@@ -724,51 +709,15 @@ DECODE_PRESETS = [
 ]
 
 
-def blosc_blocksize_speed(sample: np.ndarray, blocksize: int, repeats: int = 3) -> dict:
-    """The default preset (Blosc zstd1 bit-shuffle) with an explicit Blosc block size, timed
-    like ``_machine.codec_speed`` (one thread, median): presets cannot set the block size."""
-    from numcodecs import Blosc, blosc
-
-    codec = Blosc("zstd", 1, Blosc.BITSHUFFLE, blocksize=blocksize)
-    sample = np.ascontiguousarray(sample)
-    old, old_use = blosc.get_nthreads(), blosc.use_threads
-    blosc.set_nthreads(1)
-    blosc.use_threads = False
-    try:
-        blob = codec.encode(sample)
-        out = np.empty_like(sample)
-        enc, dec = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            codec.encode(sample)
-            enc.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            codec.decode(blob, out=out)
-            dec.append(time.perf_counter() - t0)
-    finally:
-        blosc.set_nthreads(old)
-        blosc.use_threads = old_use
-    return {
-        "encode_mbps": sample.nbytes / float(np.median(enc)) / MB,
-        "decode_mbps": sample.nbytes / float(np.median(dec)) / MB,
-        "ratio": sample.nbytes / len(blob),
-    }
-
-
 def codec_speeds(sample: np.ndarray) -> dict[str, dict[str, float]]:
+    """One thread each: the presets, and the default one with a 256 KiB Blosc block (a block
+    size no preset sets)."""
+    from numcodecs import Blosc
+
     out = {name: _machine.codec_speed(name, sample) for name in DECODE_PRESETS}
-    out["blosc-zstd1-bitshuffle, blocksize 256 KiB"] = blosc_blocksize_speed(sample, 1 << 18)
+    default_256k = Blosc("zstd", 1, Blosc.BITSHUFFLE, blocksize=1 << 18)
+    out["blosc-zstd1-bitshuffle, blocksize 256 KiB"] = _machine.codec_speed(default_256k, sample)
     return out
-
-
-def delta_sample(path: Path, max_bytes: int) -> tuple[np.ndarray, str]:
-    """Real float32 deltas of the largest tensor of a lossless store, about ``max_bytes``."""
-    store = hs.open_store(path)
-    t = max(store.tensors, key=lambda t: t.numel)
-    steps = max(1, min(store.num_steps, max_bytes // t.nbytes))
-    s0 = store.num_steps // 2 - steps // 2
-    d = store.encoded(t.name, s0, s0 + steps)["delta"].numpy()
-    return d, f"{t.name} {list(t.shape)} steps {s0}-{s0 + steps - 1}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -821,7 +770,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Storage benchmark",
         "",
-        f"`python benchmarks/storage.py{' --quick' if report['quick'] else ''}` on "
+        f"`python -m benchmarks.storage{' --quick' if report['quick'] else ''}` on "
         f"{fa['cpus_usable']} cores ({fa['platform']}), torch {fa['torch']}, "
         f"zarr {fa['zarr']}, numcodecs {fa['numcodecs']}; "
         f"{report['elapsed_s']:.0f} s in all.",
@@ -1034,26 +983,15 @@ def plot(report: dict, path: Path) -> None:
 # main
 
 
-def _jsonable(x: Any) -> Any:
-    """Plain JSON: NaN/inf become null, numpy scalars and tuples become Python ones."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run (< 90 s)")
-    ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    ap = _machine.arg_parser(
+        __doc__, DETAILS, "small run (1-2 min)", "storage.json, .md and .png", out_dir=True
+    )
     ap.add_argument("--tmp-dir", type=Path, default=None, help="where the stores go (temporary)")
     ap.add_argument("--runs", default="", help="comma-separated subset of run names")
     args = ap.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = _machine.results_dir(args.quick)
     started = time.perf_counter()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     runs = make_runs(args.quick)
@@ -1111,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not res["identical_training"]:
                     notes.append(f"{run.name}/{setting.name}: final θ differs from lossless")
             if run.name == runs[-1].name and ref is not None:
-                sample, where = delta_sample(ref.path, (8 if args.quick else 64) << 20)
+                sample, where = _machine.delta_sample(ref.path, (8 if args.quick else 64) << 20)
                 machine["decode_sample"] = f"{run.name} {where}"
                 machine["decode_sample_mb"] = sample.nbytes / MB
                 machine["decode"] = codec_speeds(sample)
@@ -1139,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "notes": notes,
     }
-    (args.out_dir / "storage.json").write_text(json.dumps(_jsonable(report), indent=1))
+    (args.out_dir / "storage.json").write_text(json.dumps(_machine.plain_json(report), indent=1))
     (args.out_dir / "storage.md").write_text(markdown(report))
     plot(report, args.out_dir / "storage.png")
     print()
