@@ -24,7 +24,7 @@ import zarr
 from . import layout, tensors
 from .config import RecorderConfig
 from .encodings import Encoding, StepContext, get_encoding, resolve
-from .errors import ModelMismatchError, NotAStoreError, RecorderError
+from .errors import EncodingError, ModelMismatchError, NotAStoreError, RecorderError
 from .layout import ArrayInfo, RunMeta, TensorInfo
 from .writer import Block, BlockWriter, Commit, Keyframe, create_layout
 
@@ -413,6 +413,15 @@ class Recorder:
     def _on_optimizer_step(self, *_: Any) -> None:
         self._opt_steps += 1
 
+    def skip(self) -> None:
+        """Forget a training iteration whose optimizer step did not run (e.g. a GradScaler
+        found inf/NaN gradients and skipped it): nothing is recorded, and the activations
+        captured for per-example factors in that iteration are dropped."""
+        if self._opt_steps:
+            raise RecorderError("skip(): optimizer.step() did run; record it with rec.step()")
+        for cap in self._io.values():
+            cap.take()
+
     def step(
         self,
         example_ids: IdsLike,
@@ -435,8 +444,8 @@ class Recorder:
             if n == 0:
                 raise RecorderError(
                     "rec.step() was called but optimizer.step() has not run since the last "
-                    "recorded step (call rec.step() right after optimizer.step(); skip it when a "
-                    "step was skipped, e.g. by a GradScaler)"
+                    "recorded step (call rec.step() right after optimizer.step(); call rec.skip() "
+                    "instead when the step was skipped, e.g. by a GradScaler)"
                 )
             raise RecorderError(
                 f"optimizer.step() ran {n} times since the last rec.step(); record every step"
@@ -538,7 +547,12 @@ class Recorder:
         ctx = StepContext(lr=float(self.optimizer.param_groups[self._group_of[i]]["lr"]))
         if i in self._io:
             ctx.inputs, ctx.grad_outputs = self._io[i].take()
-        arrays = enc.encode_step(delta, ctx)
+        try:
+            arrays = enc.encode_step(delta, ctx)
+        except EncodingError as e:
+            name = self._params[i][0]
+            where = f"step {self._t}" + ("" if repr(name) in str(e) else f", tensor {name!r}")
+            raise EncodingError(f"{where}: {e}") from e
         for a, v in arrays.items():
             rows[a][slot].copy_(v, non_blocking=self._cuda)
         if "dense" not in enc.capabilities:

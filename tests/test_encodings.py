@@ -43,13 +43,13 @@ def test_per_example_factors_are_exact_for_linear_under_plain_sgd(tmp_path, digi
             n = 16 if t < 29 else 9  # ragged last batch
             idx = torch.randperm(len(digits.y_train), generator=g)[:n]
             x, y = digits.x_train[idx], digits.y_train[idx]
-            if t == 3:  # per-example gradients of fc2.weight: mean loss = (1/n) Σ ℓ_b
+            if t == 3:  # per-example gradients of fc1.weight: mean loss = (1/n) Σ ℓ_b
                 model.eval()  # side computations in eval mode are not captured as factor rows
                 grads = []
                 for b in range(n):
                     model.zero_grad()
                     torch.nn.functional.cross_entropy(model(x[b : b + 1]), y[b : b + 1]).backward()
-                    grads.append(model.fc2.weight.grad.clone() / n)
+                    grads.append(model.fc1.weight.grad.clone() / n)
                 per_example.append(torch.stack(grads))
                 model.train()
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -62,12 +62,15 @@ def test_per_example_factors_are_exact_for_linear_under_plain_sgd(tmp_path, digi
     store = hs.open_store(tmp_path / "f.zarr")
     assert store.meta.tensor("fc1.weight").encoding == "factors"
     assert store.meta.tensor("fc1.bias").encoding == "full"
+    # 16·(24+10) factor entries would exceed the 10·24 dense ones: fc2.weight stays full
+    fc2 = store.meta.tensor("fc2.weight")
+    assert fc2.encoding == "full" and "kept full" in fc2.encoding_reason
     for t in range(30):
         d = store.delta(t)
         for name in ("fc1.weight", "fc2.weight"):
             torch.testing.assert_close(d[name], expected[t][name], rtol=1e-5, atol=1e-8)
     # exact per-example split: row b of the factors is example b's own update
-    f = store.encoded("fc2.weight", 3, 4)
+    f = store.encoded("fc1.weight", 3, 4)
     u, v = f["u"][0], f["v"][0]
     for b in range(16):
         torch.testing.assert_close(
@@ -99,7 +102,10 @@ def test_lowrank_falls_back_to_svd_with_a_reason(tmp_path, digits) -> None:
     assert (
         d["fc1.weight"]["encoding"] == "svd" and "plain SGD" in d["fc1.weight"]["encoding_reason"]
     )
-    assert d["conv1.weight"]["encoding"] == "svd"  # conv kernel reshaped to [out, in·k·k]
+    assert d["conv2.weight"]["encoding"] == "svd"  # conv kernel reshaped to [out, in·k·k]
+    # conv1 is [4, 1·3·3]: rank 3 factors (3·(4+9) entries) are not smaller than 36 dense ones
+    assert d["conv1.weight"]["encoding"] == "full"
+    assert "not fewer than the dense" in d["conv1.weight"]["encoding_reason"]
     assert d["conv1.bias"]["encoding"] == "full" and "1-D" in d["conv1.bias"]["encoding_reason"]
     assert d["fc1.weight"]["delta_rel_error_max"] > 0
 

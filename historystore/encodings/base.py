@@ -8,7 +8,13 @@ the encoding cannot provide it.
 
 Lossy encodings with ``feedback = True`` encode θ_{t+1} − θ̂_t, where θ̂_t is the reader's own
 reconstruction (error feedback): the replay error then stays at about one step's encoding
-error instead of accumulating, and keyframes reset it to zero.
+error instead of accumulating, and keyframes reset it to zero. The decoded delta of step t is
+then Δ_t plus the residual θ_t − θ̂_t carried over from earlier steps, not an estimate of Δ_t
+alone: compared with the true Δ_t (e.g. from a lossless store) its relative error can exceed
+1 when that residual is larger than the step (a low-rank SVD of AdamW updates does), while θ̂
+stays close to θ. The recorder's per-step error (``encoding_error()[..., 0]``) is measured
+against the encoded target θ_{t+1} − θ̂_t; judge a feedback encoding by the error of θ̂_t
+(``encoding_error()[..., 1]``), which is what attribution over θ̂ sees.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Which encoding each tensor gets: an ordered list of rules, first match wins.
 
 A rule matches by parameter-name pattern (fnmatch), by module type, and by size; the encoding
-it names may still fall back (e.g. per-example factors need nn.Linear under plain SGD), and
-the reason is recorded per tensor so that ``historystore info`` shows why.
+it names may still fall back (per-example factors need nn.Linear under plain SGD; a factored
+or sketched form that would store at least as many bytes per step as the dense delta, e.g.
+factors with max_rows·(in+out) >= in·out, SVD with rank·(m+n) >= m·n or a sketch with
+k >= numel, is replaced by "full", which is then smaller and lossless), and the reason is
+recorded per tensor so that ``historystore info`` shows why.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..tensors import dtype_name, torch_dtype
 from .base import encoding_class
 
 
@@ -79,10 +83,11 @@ def resolve(
                 and _plain_sgd(optimizer, param)
             )
             if exact and "max_rows" in params:
-                return (
-                    "factors",
-                    {"max_rows": params["max_rows"]},
-                    f"{why}: exact per-example factors",
+                fparams = {"max_rows": params["max_rows"], "tensor": name}
+                if "tolerance" in params:
+                    fparams["tolerance"] = params["tolerance"]
+                return _unless_bigger(
+                    "factors", fparams, f"{why}: exact per-example factors", param
                 )
             reason = (
                 "factors need an nn.Linear weight under plain SGD (no momentum/decay)"
@@ -96,5 +101,29 @@ def resolve(
             return "full", {}, f"{why}: 1-D tensor cannot be low-rank, kept full"
         if enc == "projected":
             params = {"tensor": name, **params}
-        return enc, params, why
+        return _unless_bigger(enc, params, why, param)
     return "full", {}, "default (lossless)"
+
+
+def _unless_bigger(
+    enc: str, params: dict[str, Any], why: str, param: torch.Tensor
+) -> tuple[str, dict[str, Any], str]:
+    """``full`` instead of a factored or sketched form that stores as many bytes or more.
+
+    Dense encodings storing one array of the tensor's own shape (full, rounded) are kept:
+    their gain, if any, comes from the codec, not from the array sizes."""
+    shape = tuple(param.shape)
+    encoding = encoding_class(enc)(shape, dtype_name(param.dtype), **params)
+    specs = list(encoding.arrays().values())
+    if "dense" in encoding.capabilities and len(specs) == 1 and specs[0].shape == shape:
+        return enc, params, why
+    size = sum(math.prod(s.shape) * torch_dtype(s.dtype).itemsize for s in specs)
+    dense = math.prod(shape) * param.element_size()
+    if size < dense:
+        return enc, params, why
+    return (
+        "full",
+        {},
+        f"{why}; {enc} would store {size} bytes per step, not fewer than the dense "
+        f"{dense}: kept full (lossless)",
+    )

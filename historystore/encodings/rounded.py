@@ -4,7 +4,12 @@ Rounding is *relative* (it keeps the leading mantissa bits), which matters becau
 shrink 70-180x over a run: absolute-tolerance codecs ruin the late steps. BitRound is applied
 in the recorder (bit-identical to numcodecs.BitRound) and the data stays float32, so any zarr
 v3 reader can read it and bit-shuffle compresses the zeroed low bits. With error feedback the
-replayed θ̂_t stays within about one step's rounding error of θ_t.
+replayed θ̂_t stays within about one step's rounding error of θ_t. Each stored delta is the
+rounded θ_{t+1} − θ̂_t, i.e. Δ_t plus the previous step's rounding residual: against the true
+Δ_t its relative error is about 2^-bits·‖Δ_(t−1)‖/‖Δ_t‖, not 2^-bits, and exceeds 1 when a
+step is smaller than the carried residual (an lr drop by more than 2^bits, a step with almost
+no gradient); the recorded Δ error is measured against θ_{t+1} − θ̂_t, and the θ̂ error
+(``encoding_error()[..., 1]``) is the measure to judge (see :mod:`historystore.encodings.base`).
 """
 
 from __future__ import annotations
