@@ -107,7 +107,13 @@ def verify_cmd(store: str, progress: bool) -> None:
 )
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
 @click.option("--epochs", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--test-points", default=8, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--test-points",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1),
+    help="test #0 (planted duplicate) and the first test image of each other class",
+)
 @click.option("--top-k", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")

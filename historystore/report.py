@@ -33,6 +33,7 @@ class PointExplanation:
     topk_scores: dict[str, np.ndarray]  # layer -> [k]
     ridge: dict[str, np.ndarray]  # layer -> [C, G] KDE of γ̄ per class
     ridge_weight: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> [C] mass
+    highlight_ids: Sequence[int] = ()  # e.g. planted duplicates of this point, outlined
 
 
 @dataclass
@@ -45,7 +46,6 @@ class ReportData:
     points: list[PointExplanation]
     train_images: np.ndarray | None = None  # [N, H, W] / [N, C, H, W] to show top-k examples
     train_labels: np.ndarray | None = None
-    highlight_ids: Sequence[int] = ()  # e.g. planted duplicates, outlined in the figures
     notes: list[str] = field(default_factory=list)
 
 
@@ -85,7 +85,7 @@ def point_figure(data: ReportData, p: PointExplanation) -> str:
     if p.label is not None:
         title += f" (true {data.classes[p.label]})"
     ax.set_title(title, fontsize=9)
-    highlight = set(int(i) for i in data.highlight_ids)
+    highlight = {int(i) for i in p.highlight_ids}
     for r, layer in enumerate(data.layers):
         ids = p.topk_ids.get(layer, np.zeros(0, dtype=np.int64))
         scores = p.topk_scores.get(layer, np.zeros(0))
@@ -186,7 +186,7 @@ def render(data: ReportData, path: str | Path) -> Path:
         "per layer; the score is shown under each image"
         + (
             "; planted duplicates of the test image are outlined in red"
-            if data.highlight_ids
+            if any(len(p.highlight_ids) for p in data.points)
             else ""
         )
         + ". Ridge plots: per layer and class, the distribution of the cosine γ̄<sub>t</sub> over "

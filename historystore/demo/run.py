@@ -29,9 +29,12 @@ def report_data(
     train_x: torch.Tensor | None,
     train_y: torch.Tensor | None,
     num_classes: int,
-    highlight: list[int] = (),
-) -> ReportData:  # type: ignore[assignment]
-    """Turn an AttributionResult into what the report shows."""
+    highlight: dict[int, list[int]] | None = None,
+) -> ReportData:
+    """Turn an AttributionResult into what the report shows.
+
+    ``highlight`` maps a test index to training ids to outline in its figures (e.g. planted
+    duplicates of that test point)."""
     outputs = np.asarray(result.arrays["outputs"])
     probs = torch.softmax(torch.from_numpy(outputs).float(), dim=1).numpy()
     points = []
@@ -53,6 +56,7 @@ def report_data(
                 topk_ids=topk_ids,
                 topk_scores=topk_scores,
                 ridge=ridge,
+                highlight_ids=list((highlight or {}).get(idx, ())),
             )
         )
     return ReportData(
@@ -64,15 +68,32 @@ def report_data(
         points=points,
         train_images=None if train_x is None or train_x.dim() not in (3, 4) else train_x.numpy(),
         train_labels=None if train_y is None else train_y.numpy(),
-        highlight_ids=list(highlight),
     )
+
+
+def pick_test_points(y: Any, n: int) -> list[int]:
+    """Test point 0 (it has a planted, oversampled duplicate in the training set), then the
+    first test point of each other class in turn: a report of one class only says little."""
+    labels = [int(v) for v in y]
+    index = [0][: max(n, 0)]
+    seen = {labels[0]}
+    for i, c in enumerate(labels):
+        if len(index) >= n:
+            break
+        if c not in seen:
+            seen.add(c)
+            index.append(i)
+    rest = (i for i in range(len(labels)) if i not in set(index))
+    while len(index) < min(n, len(labels)):  # more points than classes: fill in order
+        index.append(next(rest))
+    return index
 
 
 def run_demo(
     out: str | Path,
     config: TrainConfig | None = None,
     *,
-    test_points: int = 8,
+    test_points: int = 10,
     layers: tuple[str, ...] = DEFAULT_LAYERS,
     top_k: int = 8,
     progress: bool = True,
@@ -91,8 +112,7 @@ def run_demo(
     t0 = time.perf_counter()
     run = train(out / "history.zarr", config, progress=progress)
     t_train = time.perf_counter() - t0
-    # test point 0 has a planted, oversampled duplicate in the training set
-    index = list(range(min(test_points, len(run.y_test))))
+    index = pick_test_points(run.y_test, test_points)
     x, y = run.x_test[index], run.y_test[index]
     t1 = time.perf_counter()
     result = explain(
@@ -141,7 +161,14 @@ def run_demo(
         train_x=run.x_train,
         train_y=run.y_train,
         num_classes=10,
-        highlight=run.planted_ids,
+        highlight={0: run.planted_ids},  # duplicates of test point 0
+    )
+    data.notes.append(
+        "Reading the top-k: a step's γ is split equally among its batch, and an example's "
+        "score sums its steps, so examples that are in many steps (the planted duplicate is in "
+        "every batch of its class, for every test point) or in a small last batch of a class "
+        "(a larger share each) rank high for many test points. The planted duplicate is "
+        "outlined only for test #0, the image it duplicates."
     )
     report = render(data, out / "report.html")
     total = time.perf_counter() - t0
