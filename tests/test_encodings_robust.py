@@ -10,18 +10,10 @@ import historystore as hs
 from historystore.encodings import EncodingRule, FactorsEncoding, StepContext, resolve
 from historystore.inspect import verify
 
+from .test_encodings import MLP
+
 LR = 0.1
 RULES = (EncodingRule("lowrank", {"max_rows": 16}, pattern="fc1.weight"),)
-
-
-class MLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(64, 24)
-        self.fc2 = torch.nn.Linear(24, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
 def _batches(digits, steps: int, n: int = 16):

@@ -83,16 +83,20 @@ class LayerAdapter(ABC):
         return type(self).__name__
 
 
-class LinearAdapter(LayerAdapter):
-    """``nn.Linear``: z = a Wᵀ + b; a block is one GEMM ``[B·L, in] × [in, S·out]`` with the
-    bias fused in (addmm)."""
-
-    bias_dim = -1
+class _FusedBiasAdapter(LayerAdapter):
+    """Adapters whose one call computes f(W_s, a) + b_s: the bias-free form is that call."""
 
     def contributions(
         self, module: nn.Module, weights: torch.Tensor, inputs: torch.Tensor
     ) -> torch.Tensor:
         return self.step_contributions(module, weights, None, inputs)
+
+
+class LinearAdapter(_FusedBiasAdapter):
+    """``nn.Linear``: z = a Wᵀ + b; a block is one GEMM ``[B·L, in] × [in, S·out]`` with the
+    bias fused in (addmm)."""
+
+    bias_dim = -1
 
     def step_contributions(
         self,
@@ -113,16 +117,11 @@ class LinearAdapter(LayerAdapter):
         return y.reshape(b, s, *lead, out_f)
 
 
-class ConvAdapter(LayerAdapter):
+class ConvAdapter(_FusedBiasAdapter):
     """``nn.Conv1d/2d/3d``: the block's S deltas become S·out output channels of one conv call
     (reordered group-major so that grouped convolutions stay correct), bias fused in."""
 
     bias_dim = 0
-
-    def contributions(
-        self, module: nn.Module, weights: torch.Tensor, inputs: torch.Tensor
-    ) -> torch.Tensor:
-        return self.step_contributions(module, weights, None, inputs)
 
     def step_contributions(
         self,
