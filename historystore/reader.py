@@ -54,6 +54,8 @@ class StepBlock:
     lr: dict[str, np.ndarray]
     loss: np.ndarray
     raw: dict[str, dict[str, torch.Tensor]] | None = None
+    ghost_ids: np.ndarray | None = None  # ghost examples, ``ghost_offsets`` like ``offsets``
+    ghost_offsets: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
@@ -311,6 +313,14 @@ class HistoryStore:
             self._batch_off[start : stop + 1] - a,
         )
 
+    def ghost_batches(
+        self, start: int = 0, stop: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ghost ids, offsets) of steps [start, stop), concatenated."""
+        stop = self.num_steps if stop is None else stop
+        a, b = int(self._ghost_off[start]), int(self._ghost_off[stop])
+        return self._read("batch/ghost_ids", a, b), self._ghost_off[start : stop + 1] - a
+
     # -- streaming ---------------------------------------------------------------------------
     def block_ranges(
         self, start: int = 0, stop: int | None = None, block_steps: int | None = None
@@ -359,6 +369,7 @@ class HistoryStore:
             lr,
             self._scalars["loss"][start:stop],
             raws if raws else None,
+            *self.ghost_batches(start, stop),
         )
 
     def scan(

@@ -520,3 +520,74 @@ def test_layer_called_twice_is_skipped_or_refused(tmp_path: Path) -> None:
     assert_decomposes(res, ["head"])
     with pytest.raises(ValueError, match=r"layer 'shared': called 2 times"):
         explain(tmp_path / "t.zarr", Twice(), x[:2], layers=["shared"], progress=False)
+
+
+# -- exact per-example split from per-example factors ------------------------------------------
+
+
+def test_factors_split_each_steps_gamma_exactly_per_example(tmp_path: Path, digits: Digits) -> None:
+    """With per-example factors of fc1 (plain SGD), example i's score is Σ_t ⟨z, ΔW_{t,i} a⟩
+    plus its equal share of the bias part, where ΔW_{t,i} = −η ∂(L_t)/∂W restricted to example
+    i, computed here independently by one backward pass per example."""
+    from historystore.encodings import EncodingRule
+
+    from .test_encodings import MLP
+
+    torch.manual_seed(0)
+    model, lr, bsz, steps = MLP(), 0.1, 16, 24
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    cfg = hs.RecorderConfig(
+        encodings=(EncodingRule("lowrank", {"max_rows": bsz}, pattern="fc1.weight"),)
+    )
+    g = torch.Generator().manual_seed(0)
+    per_example: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # ids, ΔW_i, Δb
+    path = tmp_path / "f.zarr"
+    with hs.Recorder(path, model, opt, cfg) as rec:
+        for _ in range(steps):
+            idx = torch.randperm(len(digits.y_train), generator=g)[:bsz]
+            x, y = digits.x_train[idx], digits.y_train[idx]
+            dws = []
+            model.eval()  # (no dropout/BN here) keeps these passes out of the recorded factors
+            for i in range(bsz):  # the reference: example i's part of the mean loss
+                model.zero_grad()
+                (nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]) / bsz).backward()
+                dws.append(-lr * model.fc1.weight.grad.double())
+            model.train()
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            db = -lr * model.fc1.bias.grad.double()
+            opt.step()
+            rec.step(idx, labels=y, loss=loss)
+            per_example.append((idx, torch.stack(dws), db))
+    store = hs.open_store(path)
+    assert store.meta.tensor("fc1.weight").encoding == "factors"
+
+    x = digits.x_test[:3]
+    kw = dict(layers=["fc1"], scheduler="sync", progress=False, top_k=4, test_batch_size=3)
+    exact = explain(path, MLP(), x, scores_path=tmp_path / "exact.zarr", **kw)
+    equal = explain(
+        path,
+        MLP(),
+        x,
+        scores_path=tmp_path / "equal.zarr",
+        method_options={"split": "equal"},
+        **kw,
+    )
+    s_exact = zarr.open_array(str(tmp_path / "exact.zarr" / "fc1"), mode="r")[:].astype(np.float64)
+    s_equal = zarr.open_array(str(tmp_path / "equal.zarr" / "fc1"), mode="r")[:].astype(np.float64)
+
+    a, z = capture(load(MLP(), store.params_at(steps)), x, ["fc1"])["fc1"]
+    a, z = a.double(), z.double()
+    ref = np.zeros_like(s_exact)
+    for ids, dws, db in per_example:
+        bias_part = (z @ db).numpy() / len(ids)  # ⟨z, Δb_t⟩, split equally
+        for i, tid in enumerate(ids.tolist()):
+            ref[:, tid] += ((a @ dws[i].T) * z).sum(1).numpy() + bias_part
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(s_exact, ref, rtol=1e-3, atol=1e-4 * scale)
+    # both splits hand out the same total, Σ_t γ_t, but differently
+    np.testing.assert_allclose(s_exact.sum(1), exact["fc1"]["gamma"].sum(1), rtol=1e-4)
+    np.testing.assert_allclose(s_equal.sum(1), s_exact.sum(1), rtol=1e-4)
+    assert np.abs(s_exact - s_equal).max() > 0.1 * scale
+    np.testing.assert_array_equal(equal["fc1"]["gamma"], exact["fc1"]["gamma"])

@@ -95,7 +95,7 @@ def resolve_layers(
         if ad.bias is not None and getattr(m, ad.bias, None) is not None:
             b = f"{name}.{ad.bias}"
             bias = b if b in recorded else None
-        specs.append(LayerSpec(name, m, ad, weight, bias))
+        specs.append(LayerSpec(name, m, ad, weight, bias, store.meta.tensor(weight).encoding))
     if not specs:
         raise ValueError(
             f"no layer to explain: the model has no recorded layer of a supported type "
@@ -152,8 +152,9 @@ def _scan_range(
     if ctx.device != dev:
         ctx = ctx.to(dev)
     state = method.begin(ctx, start, stop)
+    raw = bool(method.raw_tensors(ctx))
     for block in st.scan(
-        start, stop, names, block_steps=block_steps, device=dev, prefetch=prefetch
+        start, stop, names, block_steps=block_steps, device=dev, prefetch=prefetch, raw=raw
     ):
         method.update(state, block, ctx)
         if on_block is not None:

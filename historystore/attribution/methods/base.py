@@ -41,6 +41,7 @@ class LayerSpec:
     adapter: LayerAdapter
     weight: str
     bias: str | None
+    weight_encoding: str = "full"  # the store's encoding of the weight's deltas
 
     @property
     def tensors(self) -> list[str]:
@@ -106,6 +107,11 @@ class AttributionMethod(ABC):
     def tensor_names(self, ctx: ExplainContext) -> list[str]:
         """Recorded tensors the scan must decode (default: the layers' weights and biases)."""
         return [n for spec in ctx.layers for n in spec.tensors]
+
+    def raw_tensors(self, ctx: ExplainContext) -> list[str]:
+        """Tensors whose native encoded arrays (``block.raw``, e.g. per-example factors) the
+        method reads besides the dense deltas; the scan then hands them over too."""
+        return []
 
     def prepare(self, ctx: ExplainContext) -> None:  # noqa: B027 (optional hook)
         """Per test batch, on the driver, before the scan (store results in ``ctx.extra``)."""

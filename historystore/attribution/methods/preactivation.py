@@ -11,7 +11,10 @@ as running sums in the stream so memory does not grow with the number of steps:
 
 * per step: γ_t, ‖c_t‖ (γ̄_t derived) -> ``gamma``, ``norm``, ``cosine`` [B, T]
 * per training example: Σ of γ_t / |batch_t| over the steps whose batch held it (a step's γ is
-  split equally among its examples) -> top-k / bottom-k ids and scores [B, k]
+  split equally among its examples) -> top-k / bottom-k ids and scores [B, k]. Where the store
+  has per-example factors of an nn.Linear weight (Δ_t = Σ_r u_r v_rᵀ, row r = example r of the
+  batch, ghosts after the real rows), the weight's part of γ_t is split *exactly*:
+  γ_{t,r} = ⟨z, u_r⟩ ⟨v_r, a⟩; only the rest (the bias's part, float residue) is split equally.
 * per class: weighted Gaussian KDE of γ̄_t (weight ‖c_t‖, bandwidth h) over the steps whose batch
   held the class, on a grid over [-1, 1] -> ``class_kde`` [B, C, G] (unnormalised: Σ_t w_t
   exp(-(g-γ̄_t)²/2h²)) and ``class_weight`` [B, C] (Σ_t w_t), for ridge plots
@@ -68,6 +71,9 @@ class PreactivationMethod(AttributionMethod):
     ``bandwidth``/``grid_size``: the class KDE's Gaussian bandwidth and grid over [-1, 1].
     ``keep_scores``: also return the full per-example scores ``example_scores`` [B, N] (the
     engine writes them to zarr in chunks instead of keeping them).
+    ``split``: "auto" splits a step's γ exactly per example where the store has per-example
+    factors of the layer's weight, equally otherwise; "equal" always splits equally (the
+    paper's rule).
     ``chunk_elements``: bound on the elements of one [B, steps, D] contribution tensor; a block
     is processed in step chunks under it, which bounds memory by B and the layer size. Default:
     4 M on CPU (buffers that malloc reuses instead of fresh, page-faulting mappings), 64 M on
@@ -83,7 +89,11 @@ class PreactivationMethod(AttributionMethod):
         grid_size: int = 201,
         keep_scores: bool = False,
         chunk_elements: int | None = None,
+        split: str = "auto",
     ) -> None:
+        if split not in ("auto", "equal"):
+            raise ValueError(f"split must be 'auto' or 'equal', got {split!r}")
+        self.split = split
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         if not bandwidth > 0:
@@ -103,6 +113,17 @@ class PreactivationMethod(AttributionMethod):
         if self.chunk_elements is not None:
             return self.chunk_elements
         return 1 << 26 if device.type == "cuda" else 1 << 22
+
+    def _exact(self, spec: LayerSpec, ctx: ExplainContext) -> bool:
+        """Whether this layer's γ is split exactly per example (per-example factors)."""
+        return (
+            self.split == "auto"
+            and spec.weight_encoding == "factors"
+            and ctx.inputs[spec.name].dim() == 2  # one factor row per example
+        )
+
+    def raw_tensors(self, ctx: ExplainContext) -> list[str]:
+        return [s.weight for s in ctx.layers if self._exact(s, ctx)]
 
     # -- per test batch ----------------------------------------------------------------------
     def prepare(self, ctx: ExplainContext) -> None:
@@ -177,9 +198,46 @@ class PreactivationMethod(AttributionMethod):
             self._kde(acc, cos.float(), norm.float(), member, grid)
             if ids is not None:
                 assert rows is not None and share is not None
-                acc.examples.index_add_(1, ids, gamma.double()[:, rows] * share)
+                rest = gamma.double()
+                if self._exact(spec, ctx) and block.raw is not None:
+                    rest = rest - self._split_exactly(spec, block, ex, acc, ctx)
+                acc.examples.index_add_(1, ids, rest[:, rows] * share)
             acc.gamma.append((block.start, gamma.float()))
             acc.norm.append((block.start, norm.float()))
+
+    def _split_exactly(
+        self,
+        spec: LayerSpec,
+        block: StepBlock,
+        ex: dict[str, torch.Tensor],
+        acc: _LayerAcc,
+        ctx: ExplainContext,
+    ) -> torch.Tensor:
+        """Add γ_{t,r} = ⟨z, u_r⟩⟨v_r, a⟩ to each row's example; return Σ_r γ_{t,r} [B, S].
+
+        Rows map to the step's ids, then its ghost ids; padding rows (u = 0) and rows without
+        an id add nothing here (whatever they hold stays in the equally split rest)."""
+        assert block.raw is not None and acc.examples is not None
+        f = block.raw[spec.weight]
+        z, a = ex["z"], ex["a"]
+        u, v = f["u"].to(z.dtype), f["v"].to(z.dtype)  # [S, R, out], [S, R, in]
+        s_len, r_len = u.shape[0], u.shape[1]
+        rid = np.full((s_len, r_len), -1, dtype=np.int64)
+        g_ids, g_off = block.ghost_ids, block.ghost_offsets
+        for s in range(s_len):
+            row = block.ids[block.offsets[s] : block.offsets[s + 1]]
+            if g_ids is not None and g_off is not None:
+                row = np.concatenate([row, g_ids[g_off[s] : g_off[s + 1]]])
+            n = min(len(row), r_len)
+            rid[s, :n] = row[:n]
+        rid[rid >= ctx.index.num_train] = -1
+        valid = torch.from_numpy(rid >= 0).to(z.device)
+        # [B, S, R]: ⟨z, u_r⟩ ⟨v_r, a⟩, in float64 for the sums
+        g = torch.einsum("bo,sro->bsr", z, u).double() * torch.einsum("bi,sri->bsr", a, v).double()
+        g = g * valid
+        keep = torch.from_numpy(rid[rid >= 0]).to(z.device)
+        acc.examples.index_add_(1, keep, g[:, valid])
+        return g.sum(2)
 
     def _contributions(
         self,
@@ -317,6 +375,7 @@ class PreactivationMethod(AttributionMethod):
             "top_k": self.top_k,
             "bandwidth": self.bandwidth,
             "grid_size": self.grid_size,
+            "split": self.split,
             "kde_normaliser": "class_kde / (class_weight * bandwidth * sqrt(2 pi))",
         }
 
