@@ -251,7 +251,7 @@ def explain_cmd(
             scheduler=sched,
             progress=progress,
         )
-    except (HistoryStoreError, ValueError, KeyError) as e:
+    except (HistoryStoreError, ValueError, KeyError, TypeError) as e:
         raise click.ClickException(str(e)) from e
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ anyone who opens it with plain ``zarr.open_group``::
     /commit                    attrs: committed counts; written after the data (readers trust it)
     /params/<name>/<array>     [T, *shape]  the encoding's arrays for Δ_t (``delta`` for full)
     /params/<name>/keyframes   [K, *shape]  θ_t at the steps in /keyframe_steps
-    /buffers/<name>            [K, *shape]  module buffers (BatchNorm statistics) at keyframes
+    /buffers/<name>            [K, *shape]  module buffers (BatchNorm statistics) and parameters
+                                            the optimizer does not train, at keyframes
     /keyframe_steps            [K]
     /optim/<name>/<key>        [T, *shape]  optimizer state after step t
     /steps/<scalar>            [T]          loss, timestamp, duration, batch_size, ...

@@ -8,6 +8,7 @@ and the sparse exact-replay corrections, so lossless stores replay bit for bit.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from .writer import Commit, read_commit
 
 @dataclass(frozen=True)
 class Batch:
-    """The recorded batch of one step."""
+    """The recorded batch of one step (``lr``: param group 0's learning rate; ``hparams`` holds
+    every group's hyperparameters as ``g<i>.<key>``)."""
 
     step: int
     ids: np.ndarray
@@ -262,7 +264,8 @@ class HistoryStore:
         if stop <= start:
             return
         spb = self.steps_per_block
-        for b0 in range(start, stop, spb):
+        b0 = start
+        while b0 < stop:  # block-aligned reads; ``start`` may sit inside a block
             b1 = min(stop, (b0 // spb + 1) * spb)
             off, ften, fidx, fbits = self.fixes(b0, b1)
             deltas = {n: self._dense(n, b0, b1, theta[n].device) for n in theta}
@@ -272,6 +275,7 @@ class HistoryStore:
                 lo, hi = int(off[i]), int(off[i + 1])
                 if hi > lo:
                     _apply_fixes(theta, self.tensor_names, ften[lo:hi], fidx[lo:hi], fbits[lo:hi])
+            b0 = b1
 
     def optimizer_state(self, t: int) -> dict[str, dict[str, torch.Tensor]]:
         """The optimizer's per-parameter state after step t (0 ≤ t < num_steps)."""
@@ -435,14 +439,22 @@ class HistoryStore:
         self.check_model(model)
         theta = self.params_at(step)
         params = dict(model.named_parameters())
-        bufs = dict(model.named_buffers())
+        # buffers and untrained parameters are saved at keyframes only
+        targets = {**params, **dict(model.named_buffers())}
+        kf = int(self.keyframe_steps[np.searchsorted(self.keyframe_steps, step, side="right") - 1])
+        if kf != step and self.meta.buffers:
+            warnings.warn(
+                f"{self.path}: no keyframe at step {step} (the recorder did not close cleanly, "
+                f"or step is between keyframes): buffers such as BatchNorm statistics come from "
+                f"step {kf}",
+                stacklevel=2,
+            )
         with torch.no_grad():
             for n, v in theta.items():
                 params[n].copy_(v)
-            if step in set(self.keyframe_steps.tolist()):
-                for n, v in self.buffers_at(step).items():
-                    if n in bufs:
-                        bufs[n].copy_(v)
+            for n, v in self.buffers_at(step).items():
+                if n in targets:
+                    targets[n].copy_(v)
         if optimizer is not None and step > 0:
             self._restore_optimizer(optimizer, params, step - 1)
 

@@ -130,6 +130,7 @@ class Recorder:
         self._writer: BlockWriter | None = None
         self._hook: Any = None
         self._opt_steps = 0
+        self._last_keyframe = -1  # step of the newest keyframe, committed or buffered
         self._entered = False
         self._broken: BaseException | None = None
 
@@ -155,11 +156,14 @@ class Recorder:
             raise RecorderError("a Recorder can be entered only once")
         self._entered = True
         self._params = self._named_trainable()
+        trained = {id(p) for _, p in self._params}
+        # buffers (BatchNorm statistics) and parameters the optimizer does not train (a frozen
+        # backbone): no deltas, but saved at every keyframe so that restore() rebuilds θ whole
         self._buffers = [
             (n, b)
             for n, b in self.model.named_buffers()
             if b.is_floating_point() or n.endswith("num_batches_tracked")
-        ]
+        ] + [(n, p) for n, p in self.model.named_parameters() if id(p) not in trained]
         self.device = self._params[0][1].device
         self._cuda = self.device.type == "cuda"
         if self.resume:
@@ -292,8 +296,17 @@ class Recorder:
                     f"parameter {n!r} differs from the store's θ_{t}: restore the model first "
                     "with open_store(path).restore(model, optimizer)"
                 )
+        stored = {b.name: b for b in self.meta.buffers}
+        current_bufs = dict(self._buffers)
+        missing = sorted(set(stored) - set(current_bufs))
+        if missing:
+            raise ModelMismatchError(
+                f"the model lacks the recorded buffers/untrained parameters {missing}"
+            )
+        self._buffers = [(n, current_bufs[n]) for n in stored]  # the store's list decides
         self._group = zarr.open_group(self.path, mode="r+", zarr_format=3)
         self._commit = store.commit
+        self._last_keyframe = int(store.keyframe_steps[-1])
 
     def _param_groups(self) -> list[int]:
         return [
@@ -357,6 +370,7 @@ class Recorder:
         self._block_end = (t0 // self.steps_per_block + 1) * self.steps_per_block
 
     def _keyframe(self, step: int) -> Keyframe:
+        self._last_keyframe = step
         return Keyframe(
             step=step,
             params={n: tensors.to_numpy(p) for n, p in self._params},
@@ -447,25 +461,36 @@ class Recorder:
                     "recorded step (call rec.step() right after optimizer.step(); call rec.skip() "
                     "instead when the step was skipped, e.g. by a GradScaler)"
                 )
+            # the weights moved by unrecorded steps: the store cannot follow them any more
+            self._broken = RecorderError(f"optimizer.step() ran {n} times between two rec.step()")
             raise RecorderError(
-                f"optimizer.step() ran {n} times since the last rec.step(); record every step"
+                f"optimizer.step() ran {n} times since the last rec.step(); record every step "
+                "(the steps before are in the store; the recorder records no further step)"
             )
-        self._opt_steps = 0
+        # validate before consuming the step: a bad call can then be repeated correctly
         ids = _as_ids(example_ids, "example_ids")
         lab = _as_ids(labels, "labels") if labels is not None else np.full(len(ids), -1, np.int64)
         if len(lab) != len(ids):
             raise ValueError(f"got {len(lab)} labels for {len(ids)} example ids")
         ghosts = _as_ids(ghost_ids, "ghost_ids")
-
-        slot = self._slot
-        bufs = self._bufs
-        nfix = 0
-        errors = np.full((len(self._params), 2), np.nan, dtype=np.float32)
+        hp = _numeric_hparams(self.optimizer)
+        if sorted(hp) != self.meta.hparam_keys:
+            raise RecorderError(
+                "the optimizer's param groups changed during recording (a group was added or "
+                "its keys changed); start a new store for the new optimizer"
+            )
         if self._broken is not None:
             raise RecorderError(
                 f"the recorder stopped at step {self._t} after an error ({self._broken!r}); "
                 "steps before it are in the store"
             )
+        self._opt_steps = 0
+
+        slot = self._slot
+        bufs = self._bufs
+        nfix = 0
+        errors = np.full((len(self._params), 2), np.nan, dtype=np.float32)
+        n_fix_parts = len(self._fix_i)
         try:
             with torch.no_grad():
                 for i, (_, p) in enumerate(self._params):
@@ -477,7 +502,9 @@ class Recorder:
                 if self.meta.recorder["optimizer_state"] == "every_step":
                     self._capture_state(slot)
         except BaseException as e:
-            # part of this step's state was consumed: refuse to record further steps
+            # part of this step's state was consumed: refuse to record further steps, and
+            # drop what this step added so that the steps before it commit cleanly
+            del self._fix_t[n_fix_parts:], self._fix_i[n_fix_parts:], self._fix_b[n_fix_parts:]
             self._broken = e
             raise
         now = time.time()
@@ -487,9 +514,6 @@ class Recorder:
         self._scalar_rows["ghost_size"].append(len(ghosts))
         self._scalar_rows["num_fixes"].append(nfix)
         self._last_time = now
-        hp = _numeric_hparams(self.optimizer)
-        if sorted(hp) != self.meta.hparam_keys:
-            raise RecorderError("the optimizer's param groups changed during recording")
         for k in self.meta.hparam_keys:
             self._hparam_rows[k].append(hp[k])
         self._err_rows.append(errors)
@@ -592,9 +616,17 @@ class Recorder:
                 ]
             specs = self.meta.optim_state.get(name, [])
             if len(specs) != sum(isinstance(v, (torch.Tensor, int, float)) for v in state.values()):
+                why = (
+                    " It had no state at the first recorded step (no gradient then, e.g. frozen "
+                    "during a warm-up), and the store fixes each tensor's state layout at that "
+                    "step. Start recording once every trained parameter has taken a step, or "
+                    'record with optimizer_state="none".'
+                    if not specs
+                    else ""
+                )
                 raise RecorderError(
                     f"the optimizer state of {name!r} changed its keys during recording "
-                    f"({sorted(map(str, state))} vs {[s.name for s in specs]})"
+                    f"({sorted(map(str, state))} vs {[s.name for s in specs]}).{why}"
                 )
             st = bufs["states"].setdefault(name, {})
             for spec, (_, v) in zip(
@@ -623,9 +655,7 @@ class Recorder:
             if (
                 self._broken is None
                 and self._opt_steps == 0
-                and self._t % self.config_keyframe_every != 0
-                and (not self._block.keyframes or self._block.keyframes[-1].step != self._t)
-                and self._t > 0
+                and self._t != self._last_keyframe  # e.g. a resume that recorded nothing
             ):
                 self._block.keyframes.append(self._keyframe(self._t))
             self._flush()

@@ -148,7 +148,8 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
             chunk_rows=1,
             shard_rows=None,
             codec=rc["state_codec"],
-            description=f"module buffer {b.name!r} at the steps in /keyframe_steps",
+            description=f"module buffer or untrained parameter {b.name!r} at the steps in "
+            "/keyframe_steps",
         )
     _create(
         group,

@@ -100,13 +100,19 @@ def test_step_without_optimizer_step_is_an_error(tmp_path, digits):
         rec.step(idx, loss=loss)
         with pytest.raises(hs.RecorderError, match="optimizer.step\\(\\) has not run"):
             rec.step(idx, loss=loss)
+        # bad arguments are refused before the step is consumed: a corrected call records it
         with pytest.raises(ValueError, match="labels"):
             _train_step(model, opt, digits)
             rec.step(idx, labels=[1, 2], loss=loss)
+        rec.step(idx, loss=loss)
         with pytest.raises(ValueError, match="1-D"):
             _train_step(model, opt, digits)
             rec.step(np.zeros((2, 2), dtype=np.int64))
-    assert hs.open_store(tmp_path / "r.zarr").num_steps == 1
+        rec.step(idx, loss=loss)
+        final = {n: p.detach().clone() for n, p in model.named_parameters()}
+    store = hs.open_store(tmp_path / "r.zarr")
+    assert store.num_steps == 3
+    assert all(torch.equal(store.params_at(3)[n], v) for n, v in final.items())
 
 
 def test_nan_delta_is_recorded_flagged_and_reported(tmp_path, digits):
@@ -267,3 +273,96 @@ def test_a_commit_is_one_metadata_write(tmp_path, digits, monkeypatch):
     assert [c.get("num_keyframes") for c in counts[1:]] == [0, 1, 1, 2, 2, 3]
     assert all(set(c) >= {"num_steps", "num_ids", "num_fixes", "num_keyframes"} for c in counts[1:])
     assert counts[-1]["num_ids"] == hs.open_store(tmp_path / "c.zarr").commit.num_ids
+
+
+# -- found by review: resume edge cases, failed steps, frozen parameters ----------------------
+
+
+def _snap(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _bits_equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[n].view(torch.int32), b[n].view(torch.int32)) for n in a)
+
+
+def test_resume_that_records_nothing_and_replay_from_an_unaligned_keyframe(tmp_path, digits):
+    """A clean close leaves a keyframe at step 5, inside a block: replay from it must not
+    skip steps; a resume that records nothing must not add a second keyframe at 5."""
+    torch.manual_seed(0)
+    model = DigitsCNN(channels=8, hidden=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cfg = hs.RecorderConfig(keyframe_every=4, steps_per_block=2)
+    path = tmp_path / "r.zarr"
+    snaps = [_snap(model)]
+    with hs.Recorder(path, model, opt, cfg) as rec:
+        for _ in range(5):
+            rec.step(*_train_step(model, opt, digits)[:1])
+            snaps.append(_snap(model))
+    with hs.Recorder(path, model, opt, cfg, resume=True):
+        pass  # e.g. the data loader failed at once
+    with hs.Recorder(path, model, opt, cfg, resume=True) as rec:
+        for _ in range(5):
+            rec.step(*_train_step(model, opt, digits)[:1])
+            snaps.append(_snap(model))
+    store = hs.open_store(path)
+    assert store.keyframe_steps.tolist() == [0, 4, 5, 8, 10]
+    for t in range(len(snaps)):
+        assert _bits_equal(store.params_at(t), snaps[t]), t
+    assert verify(str(path)).ok
+
+
+@pytest.mark.parametrize("failure", ["two_optimizer_steps", "param_group_added"])
+def test_a_refused_step_leaves_a_sound_store_without_a_wrong_final_keyframe(
+    tmp_path, digits, failure
+):
+    torch.manual_seed(0)
+    model = DigitsCNN(channels=8, hidden=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "f.zarr"
+    snaps = [_snap(model)]
+    with (
+        pytest.raises(hs.RecorderError),
+        hs.Recorder(path, model, opt, hs.RecorderConfig(keyframe_every=8)) as rec,
+    ):
+        for t in range(6):
+            idx, _ = _train_step(model, opt, digits)
+            if t == 3 and failure == "two_optimizer_steps":
+                _train_step(model, opt, digits)
+            if t == 3 and failure == "param_group_added":
+                opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+            rec.step(idx)
+            snaps.append(_snap(model))
+    store = hs.open_store(path)
+    assert store.num_steps == 3 and store.keyframe_steps.tolist() == [0]
+    assert _bits_equal(store.params_at(3), snaps[3])
+    assert verify(str(path)).ok
+
+
+def test_untrained_parameters_and_buffers_come_back_with_restore(tmp_path, digits):
+    """A frozen layer (not in the optimizer) has no deltas but must be restored; after an
+    unclean end, buffers come from the last keyframe, with a warning."""
+    torch.manual_seed(0)
+    model = DigitsCNN(channels=8, hidden=32, batch_norm=True)
+    frozen = {id(p) for p in model.conv1.parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if id(p) not in frozen], lr=0.1)
+    path = tmp_path / "u.zarr"
+    with hs.Recorder(path, model, opt, hs.RecorderConfig(keyframe_every=4)) as rec:
+        for _ in range(6):
+            rec.step(*_train_step(model, opt, digits)[:1])
+    fresh = DigitsCNN(channels=8, hidden=32, batch_norm=True)
+    hs.open_store(path).restore(fresh)
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        hs.Recorder(path, model, opt, resume=True) as rec,
+    ):
+        rec.step(*_train_step(model, opt, digits)[:1])
+        _train_step(model, opt, digits)  # an optimizer step that is never recorded
+        raise RuntimeError("boom")
+    store = hs.open_store(path)
+    assert store.num_steps == 7 and store.keyframe_steps.tolist() == [0, 4, 6]
+    with pytest.warns(UserWarning, match="no keyframe at step 7"):
+        store.restore(DigitsCNN(channels=8, hidden=32, batch_norm=True))
