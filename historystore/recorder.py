@@ -418,6 +418,7 @@ class Recorder:
                 else tensors.crc_marker(r if r is not None else p)
                 for e, r, p in zip(self._encs, self._recon, self._prev, strict=True)
             ]
+        b.optim_state = {k: list(v) for k, v in self.meta.optim_state.items()}
         b.release = lambda bufs=bufs: self._pool.put(bufs)
         assert self._writer is not None
         self._writer.submit(b)
@@ -601,43 +602,32 @@ class Recorder:
 
     def _capture_state(self, slot: int) -> None:
         bufs = self._bufs
-        first = not self.meta.optim_state
         for name, p in self._params:
             state = self.optimizer.state.get(p, {})
-            if first:
-                self.meta.optim_state[name] = [
+            values = [(k, v) for k, v in state.items() if isinstance(v, (torch.Tensor, int, float))]
+            specs = self.meta.optim_state.get(name, [])
+            if not specs and values:
+                # the tensor's first state: at the first step, or later (a parameter without a
+                # gradient until then, e.g. frozen during a warm-up); earlier rows read as zeros
+                specs = self.meta.optim_state[name] = [
                     ArrayInfo(
                         str(k).replace("/", "_"),
                         tuple(v.shape) if isinstance(v, torch.Tensor) else (),
                         tensors.dtype_name(v.dtype) if isinstance(v, torch.Tensor) else "float64",
                     )
-                    for k, v in state.items()
-                    if isinstance(v, (torch.Tensor, int, float))
+                    for k, v in values
                 ]
-            specs = self.meta.optim_state.get(name, [])
-            if len(specs) != sum(isinstance(v, (torch.Tensor, int, float)) for v in state.values()):
-                why = (
-                    " It had no state at the first recorded step (no gradient then, e.g. frozen "
-                    "during a warm-up), and the store fixes each tensor's state layout at that "
-                    "step. Start recording once every trained parameter has taken a step, or "
-                    'record with optimizer_state="none".'
-                    if not specs
-                    else ""
-                )
+            if len(specs) != len(values):
                 raise RecorderError(
                     f"the optimizer state of {name!r} changed its keys during recording "
-                    f"({sorted(map(str, state))} vs {[s.name for s in specs]}).{why}"
+                    f"({sorted(map(str, state))} vs {[s.name for s in specs]})"
                 )
             st = bufs["states"].setdefault(name, {})
-            for spec, (_, v) in zip(
-                specs,
-                ((k, v) for k, v in state.items() if isinstance(v, (torch.Tensor, int, float))),
-                strict=True,
-            ):
+            for spec, (_, v) in zip(specs, values, strict=True):
                 buf = st.get(spec.name)
-                if buf is None:
+                if buf is None:  # zeros: the slots before a late first state read as zero
                     dt = tensors.torch_dtype(spec.dtype)
-                    buf = st[spec.name] = torch.empty(
+                    buf = st[spec.name] = torch.zeros(
                         (self.steps_per_block, *spec.shape), dtype=dt, pin_memory=self._cuda
                     )
                 if isinstance(v, torch.Tensor):

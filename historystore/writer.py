@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,7 @@ class Block:
     theta_crc: np.ndarray | None = None
     keyframes: list[Keyframe] = field(default_factory=list)
     release: Callable[[], None] | None = None
+    optim_state: dict[str, list[Any]] | None = None  # the state layout as of this block
 
 
 @dataclass
@@ -363,26 +364,41 @@ class BlockWriter:
         if by_array:
             sync(put_all())
 
+    def _new_state_arrays(self, optim_state: dict[str, list[Any]], t0: int) -> None:
+        """Create the state arrays a block brings (the first step's, or a tensor whose state
+        appears later, e.g. unfrozen after a warm-up) and fill the rows before ``t0`` with
+        zeros, one shard at a time, so that every committed row has its chunk file."""
+        new = [
+            (name, s)
+            for name, specs in optim_state.items()
+            for s in specs
+            if layout.optim_path(name, s.name) not in self._arrays
+            and layout.optim_path(name, s.name) not in self.group
+        ]
+        if not new:
+            return
+        # the block's snapshot, not the recorder's live (mutating) meta
+        meta = replace(self.meta, optim_state={k: list(v) for k, v in optim_state.items()})
+        spb = self.meta.recorder["steps_per_block"]
+        create_state_arrays(self.group, meta, spb, self.meta.recorder["chunk_bytes"])
+        self.group.update_attributes({layout.ATTR_KEY: meta.to_json()})
+        for name, s in new:
+            path = layout.optim_path(name, s.name)
+            dtype = np.dtype(layout.storage_dtype(s.dtype))
+            for r0 in range(0, t0, spb):
+                rows = min(spb, t0 - r0)
+                self._put_rows(path, r0, np.zeros((rows, *s.shape), dtype=dtype))
+                self._flush()
+
     def write(self, block: Block) -> None:
         """Write one block's data, then its commit marker (the order matters)."""
         c = self.commit
         t0, n = block.t0, block.n
         if t0 != c.num_steps:
             raise RecorderError(f"block starts at step {t0} but {c.num_steps} steps are committed")
+        if n and block.optim_state is not None:
+            self._new_state_arrays(block.optim_state, t0)
         if n:
-            if any(
-                layout.optim_path(name, s.name) not in self._arrays
-                and layout.optim_path(name, s.name) not in self.group
-                for name, specs in self.meta.optim_state.items()
-                for s in specs
-            ):
-                create_state_arrays(
-                    self.group,
-                    self.meta,
-                    self.meta.recorder["steps_per_block"],
-                    self.meta.recorder["chunk_bytes"],
-                )
-                self.group.update_attributes({layout.ATTR_KEY: self.meta.to_json()})
             nonfinite = np.zeros((n, len(self.meta.tensors)), dtype=np.int32)
             for i, t in enumerate(self.meta.tensors):
                 for array, data in block.arrays[t.name].items():

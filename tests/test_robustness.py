@@ -366,3 +366,36 @@ def test_untrained_parameters_and_buffers_come_back_with_restore(tmp_path, digit
     assert store.num_steps == 7 and store.keyframe_steps.tolist() == [0, 4, 6]
     with pytest.warns(UserWarning, match="no keyframe at step 7"):
         store.restore(DigitsCNN(channels=8, hidden=32, batch_norm=True))
+
+
+def test_optimizer_state_that_appears_late_is_recorded(tmp_path, digits):
+    """fc1 is frozen for a warm-up (no gradient, so AdamW keeps no state for it), then
+    trained: its state arrays start then; earlier rows read as zeros; resume still works."""
+    torch.manual_seed(0)
+    model = DigitsCNN(channels=8, hidden=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg = hs.RecorderConfig(keyframe_every=4, steps_per_block=2)
+    path = tmp_path / "late.zarr"
+    states = []
+    with hs.Recorder(path, model, opt, cfg) as rec:
+        for t in range(7):
+            model.fc1.weight.requires_grad_(t >= 3)
+            rec.step(*_train_step(model, opt, digits)[:1])
+            st = opt.state.get(model.fc1.weight, {})
+            states.append({k: v.clone() for k, v in st.items()})
+    store = hs.open_store(path)
+    assert verify(str(path)).ok
+    for t in range(7):
+        got = store.optimizer_state(t)["fc1.weight"]
+        if t < 3:
+            assert not states[t] and all(float(v.abs().max()) == 0 for v in got.values())
+        else:
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(got[k], states[t][k].reshape(got[k].shape).to(got[k].dtype))
+    # restore model and optimizer from the store, then continue the same store
+    fresh = DigitsCNN(channels=8, hidden=32)
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    store.restore(fresh, opt2)
+    with hs.Recorder(path, fresh, opt2, cfg, resume=True) as rec:
+        rec.step(*_train_step(fresh, opt2, digits)[:1])
+    assert hs.open_store(path).num_steps == 8 and verify(str(path)).ok
