@@ -591,3 +591,25 @@ def test_factors_split_each_steps_gamma_exactly_per_example(tmp_path: Path, digi
     np.testing.assert_allclose(s_equal.sum(1), s_exact.sum(1), rtol=1e-4)
     assert np.abs(s_exact - s_equal).max() > 0.1 * scale
     np.testing.assert_array_equal(equal["fc1"]["gamma"], exact["fc1"]["gamma"])
+
+
+def test_float64_models_decompose_to_float64_precision(tmp_path: Path, digits: Digits) -> None:
+    from .test_encodings import MLP
+
+    torch.manual_seed(0)
+    model = MLP().double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    path = tmp_path / "f64.zarr"
+    with hs.Recorder(path, model, opt) as rec:
+        for t in range(12):
+            idx = torch.arange(16 * t, 16 * t + 16)
+            x, y = digits.x_train[idx].double(), digits.y_train[idx]
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(idx, labels=y, loss=loss)
+    res = explain(path, MLP().double(), digits.x_test[:3].double(), progress=False)
+    for layer in ("fc1", "fc2"):
+        assert res[layer]["preactivation"].dtype == np.float64
+        assert res.decomposition_error(layer).max() < 1e-12

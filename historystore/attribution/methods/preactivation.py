@@ -350,9 +350,9 @@ class PreactivationMethod(AttributionMethod):
                 "bottomk_scores": bot_sc,
                 "class_kde": acc.kde.float().cpu().numpy(),
                 "class_weight": acc.class_weight.cpu().numpy(),
-                "init": ex["init"].float().cpu().numpy(),
+                "init": ex["init"].cpu().numpy(),
                 "total": self._total(spec, acc, ex).cpu().numpy(),
-                "preactivation": ex["z"].float().cpu().numpy(),
+                "preactivation": ex["z"].cpu().numpy(),
             }
             if self.keep_scores:
                 arrays["example_scores"] = acc.examples.float().cpu().numpy()
