@@ -276,6 +276,24 @@ def machine_facts() -> dict[str, Any]:
 
 
 # -- shared by the benchmarks -------------------------------------------------------------------
+class MLP(torch.nn.Module):
+    """Flatten, then Linear layers fc1..fcN with ReLU between them."""
+
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.names = [f"fc{i + 1}" for i in range(len(dims) - 1)]
+        for name, d_in, d_out in zip(self.names, dims[:-1], dims[1:], strict=True):
+            setattr(self, name, torch.nn.Linear(d_in, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for i, name in enumerate(self.names):
+            x = getattr(self, name)(x)
+            if i < len(self.names) - 1:
+                x = torch.relu(x)
+        return x
+
+
 def teacher_data(dim: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian inputs labelled by a random two-layer teacher network (10 classes)."""
     g = torch.Generator().manual_seed(seed)

@@ -10,7 +10,6 @@ optimizer state, beside the machine's limits: fsync'd write, memcpy, sequential 
 from __future__ import annotations
 
 import cProfile
-import itertools
 import json
 import math
 import os
@@ -98,21 +97,6 @@ CONFIGS: dict[str, hs.RecorderConfig] = {
 # workloads
 
 
-class MLP(nn.Module):
-    """Linear layers fc1..fcN with ReLU between them."""
-
-    def __init__(self, dims: tuple[int, ...]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
-
-
 @dataclass
 class Workload:
     name: str
@@ -171,7 +155,7 @@ def workloads(quick: bool, repeats: int | None) -> list[Workload]:
         Workload(
             "mlp-adamw",
             f"MLP {'-'.join(map(str, dims))} on teacher data, AdamW lr 1e-3 wd 0.01",
-            lambda: MLP(dims),
+            lambda: _machine.MLP(list(dims)),
             lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01),
             mx,
             my,

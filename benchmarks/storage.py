@@ -106,24 +106,6 @@ attribution fidelity) in ``--out-dir``, and a compact table on the terminal.
 # models, data, runs
 
 
-class MLP(nn.Module):
-    """Flatten, then Linear layers fc1..fcN with ReLU between them."""
-
-    def __init__(self, dims: list[int]) -> None:
-        super().__init__()
-        self.names = [f"fc{i + 1}" for i in range(len(dims) - 1)]
-        for name, d_in, d_out in zip(self.names, dims[:-1], dims[1:], strict=True):
-            setattr(self, name, nn.Linear(d_in, d_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        for i, name in enumerate(self.names):
-            x = getattr(self, name)(x)
-            if i < len(self.names) - 1:
-                x = torch.relu(x)
-        return x
-
-
 @dataclass
 class Data:
     x_train: torch.Tensor
@@ -286,7 +268,7 @@ def make_runs(quick: bool) -> list[Run]:
         Run(
             "mlp-sgd",
             "digits MLP 64-256-256-10, plain SGD",
-            lambda: MLP([64, 256, 256, 10]),
+            lambda: _machine.MLP([64, 256, 256, 10]),
             sgd,
             digits_data,
             ["fc1", "fc2", "fc3"],
@@ -298,7 +280,7 @@ def make_runs(quick: bool) -> list[Run]:
             "big-adamw",
             f"MLP {'-'.join(map(str, big_dims))} ({n_big / 1e6:.1f} M params), "
             "generated data, AdamW",
-            lambda: MLP(big_dims),
+            lambda: _machine.MLP(big_dims),
             adamw_big,
             lambda: teacher_data(big_dims[0], big_n),
             ["fc1", "fc2", "fc3"],
@@ -309,7 +291,7 @@ def make_runs(quick: bool) -> list[Run]:
         Run(
             "big-sgd",
             f"the same MLP ({n_big / 1e6:.1f} M params), generated data, plain SGD",
-            lambda: MLP(big_dims),
+            lambda: _machine.MLP(big_dims),
             sgd_big,
             lambda: teacher_data(big_dims[0], big_n),
             ["fc1", "fc2", "fc3"],

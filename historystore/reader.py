@@ -221,9 +221,13 @@ class HistoryStore:
             out[n] = tensors.from_numpy(self._read(layout.keyframe_path(n), k, k + 1)[0], t.dtype)
         return out
 
+    def _keyframe_index(self, t: int) -> int:
+        """Row of the last keyframe ≤ t."""
+        return int(np.searchsorted(self.keyframe_steps, t, side="right") - 1)
+
     def buffers_at(self, t: int) -> dict[str, torch.Tensor]:
         """Module buffers (e.g. BatchNorm statistics) at the last keyframe ≤ t."""
-        k = int(np.searchsorted(self.keyframe_steps, t, side="right") - 1)
+        k = self._keyframe_index(t)
         return {
             b.name: tensors.from_numpy(self._read(layout.buffer_path(b.name), k, k + 1)[0], b.dtype)
             for b in self.meta.buffers
@@ -246,7 +250,7 @@ class HistoryStore:
         """θ_t (``params_at(0)`` initial, ``params_at(num_steps)`` final weights)."""
         t = self._check_step(t, self.num_steps)
         names = self._names(names)
-        k = int(np.searchsorted(self.keyframe_steps, t, side="right") - 1)
+        k = self._keyframe_index(t)
         if t != self.keyframe_steps[k]:
             for n in names:
                 enc = self.encodings[n]
@@ -441,7 +445,7 @@ class HistoryStore:
         params = dict(model.named_parameters())
         # buffers and untrained parameters are saved at keyframes only
         targets = {**params, **dict(model.named_buffers())}
-        kf = int(self.keyframe_steps[np.searchsorted(self.keyframe_steps, step, side="right") - 1])
+        kf = int(self.keyframe_steps[self._keyframe_index(step)])
         if kf != step and self.meta.buffers:
             warnings.warn(
                 f"{self.path}: no keyframe at step {step} (the recorder did not close cleanly, "

@@ -83,7 +83,8 @@ def pick_test_points(y: Any, n: int) -> list[int]:
         if c not in seen:
             seen.add(c)
             index.append(i)
-    rest = (i for i in range(len(labels)) if i not in set(index))
+    chosen = set(index)
+    rest = (i for i in range(len(labels)) if i not in chosen)
     while len(index) < min(n, len(labels)):  # more points than classes: fill in order
         index.append(next(rest))
     return index
