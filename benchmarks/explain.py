@@ -23,8 +23,8 @@ import zarr
 from torch import nn
 
 import historystore as hs
-from historystore import layout
-from historystore.attribution import Engine, adapter_for
+from attribution import Engine, adapter_for
+from historystore.meta import layout
 
 try:  # run as a module (python -m benchmarks.explain) or as a script
     from benchmarks import _machine
@@ -39,7 +39,7 @@ Linear layer, a few million parameters, on generated data) in a temporary direct
 alongside it the baseline of the published code: one ``torch.save`` file of Δ_t per step. Then,
 for each test batch size B, it measures in the same run:
 
-* scan: ``historystore.attribution`` explaining B test points (one pass over the store;
+* scan: ``attribution`` explaining B test points (one pass over the store;
   prefetching scan, steps batched into one GEMM/conv per block; dask threads over ranges),
 * baseline: the same decomposition from the per-step ``torch.save`` files, one step at a
   time (load a file, compute that step),

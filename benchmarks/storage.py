@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import historystore as hs
-from historystore.demo.data import load_digits
-from historystore.demo.model import DigitsCNN
+from attribution.demo.data import load_digits
+from attribution.demo.model import DigitsCNN
 from historystore.encodings import EncodingRule
-from historystore.inspect import info
+from historystore.meta.inspect import info
 
 try:  # run as a module (python -m benchmarks.storage) or as a script
     from benchmarks import _machine

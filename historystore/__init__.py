@@ -11,8 +11,8 @@ from .errors import (
     RecorderError,
     SchemaVersionError,
 )
-from .reader import Batch, HistoryStore, StepBlock, open_store
-from .recorder import Recorder
+from .read.store import Batch, HistoryStore, StepBlock, open_store
+from .write.recorder import Recorder
 
 __all__ = [
     "Batch",

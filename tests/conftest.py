@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import historystore as hs
-from historystore.demo.data import Digits, load_digits
-from historystore.demo.model import DigitsCNN
+from attribution.demo.data import Digits, load_digits
+from attribution.demo.model import DigitsCNN
 
 
 @dataclass

@@ -13,15 +13,16 @@ import zarr
 from torch import nn
 
 import historystore as hs
-from historystore.attribution import (
+from attribution import (
     AttributionResult,
+    Engine,
     LayerAdapter,
     explain,
     register_adapter,
     supported_layers,
 )
-from historystore.demo.data import Digits
-from historystore.demo.model import DigitsCNN
+from attribution.demo.data import Digits
+from attribution.demo.model import DigitsCNN
 
 from .conftest import Run, make_optimizer
 
@@ -99,7 +100,7 @@ def test_adapters_stack_steps_like_separate_forward_calls(
     module: nn.Module, shape: tuple[int, ...]
 ) -> None:
     """One stacked call over S weights equals S forward passes of the module with them."""
-    from historystore.attribution import adapter_for
+    from attribution import adapter_for
 
     torch.manual_seed(0)
     ad = adapter_for(module)
@@ -395,7 +396,7 @@ def _assert_same(a: AttributionResult, b: AttributionResult) -> None:
 def test_parallel_equals_sequential(run: Run, digits: Digits) -> None:
     x = digits.x_test[:6]
     seq = explain(run.path, digits_model(), x, scheduler="sync", progress=False)
-    engine = hs.attribution.Engine(run.path, digits_model(), scheduler="threads", num_workers=3)
+    engine = Engine(run.path, digits_model(), scheduler="threads", num_workers=3)
     assert engine.ranges(3) == [(0, 32), (32, 64), (64, 96), (96, 120)]
     par = engine.explain(x)
     _assert_same(seq, par)

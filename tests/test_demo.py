@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 
 import historystore as hs
-from historystore.attribution.results import AttributionResult
-from historystore.cli import main
-from historystore.demo.run import run_demo
-from historystore.demo.train import TrainConfig
-from historystore.inspect import verify
+from attribution.cli import main
+from attribution.demo.run import run_demo
+from attribution.demo.train import TrainConfig
+from attribution.results import AttributionResult
+from historystore.meta.inspect import verify
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +69,11 @@ def test_explain_cli_on_the_demo_store(demo, tmp_path) -> None:
         "explain",
         str(out / "history.zarr"),
         "--model",
-        "historystore.demo.factories:model",
+        "attribution.demo.factories:model",
         "--test",
-        "historystore.demo.factories:test_data",
+        "attribution.demo.factories:test_data",
         "--data",
-        "historystore.demo.factories:train_data",
+        "attribution.demo.factories:train_data",
         "--limit",
         "2",
         "--layers",
@@ -97,7 +97,7 @@ def test_explain_cli_on_the_demo_store(demo, tmp_path) -> None:
 
 def test_demo_training_is_deterministic_for_a_seed(tmp_path) -> None:
     """Same seed: the same batches and bit-identical weights; another seed: other batches."""
-    from historystore.demo.train import train
+    from attribution.demo.train import train
 
     cfg = TrainConfig(epochs=1)
     runs = [train(tmp_path / f"{i}.zarr", cfg, progress=False) for i in range(2)]

@@ -18,7 +18,7 @@ from historystore.encodings import (
     bitround,
     get_encoding,
 )
-from historystore.inspect import info, verify
+from historystore.meta.inspect import info, verify
 
 
 class MLP(torch.nn.Module):
@@ -83,7 +83,7 @@ def test_per_example_factors_are_exact_for_linear_under_plain_sgd(tmp_path, digi
 
 
 def test_lowrank_falls_back_to_svd_with_a_reason(tmp_path, digits) -> None:
-    from historystore.demo.model import DigitsCNN
+    from attribution.demo.model import DigitsCNN
 
     torch.manual_seed(0)
     model = DigitsCNN(channels=4, hidden=16)
@@ -191,7 +191,7 @@ def test_projected_store_gives_sketches_and_refuses_dense(tmp_path, digits) -> N
 
 @pytest.mark.parametrize("setting", [{"bits": 7}, {"bits": 12}, {"cast": "bfloat16"}])
 def test_rounded_replay_stays_within_the_bound(tmp_path, digits, setting) -> None:
-    from historystore.demo.model import DigitsCNN
+    from attribution.demo.model import DigitsCNN
 
     torch.manual_seed(0)
     model = DigitsCNN(channels=8, hidden=32)

@@ -18,9 +18,9 @@ import zarr
 from click.testing import CliRunner
 
 import historystore as hs
-from historystore.cli import main
-from historystore.demo.model import DigitsCNN
-from historystore.inspect import verify
+from attribution.cli import main
+from attribution.demo.model import DigitsCNN
+from historystore.meta.inspect import verify
 
 from .conftest import record_run
 
@@ -158,7 +158,7 @@ def test_missing_chunk_file_is_detected(small):
 
 
 def test_writer_errors_reach_the_training_loop(tmp_path, digits, monkeypatch):
-    from historystore import writer
+    from historystore.write import writer
 
     real_write = writer.BlockWriter.write
 
@@ -188,8 +188,8 @@ def test_writer_errors_reach_the_training_loop(tmp_path, digits, monkeypatch):
 
 KILL_WORKER = textwrap.dedent("""
     import sys, torch, historystore as hs
-    from historystore.demo.data import load_digits
-    from historystore.demo.model import DigitsCNN
+    from attribution.demo.data import load_digits
+    from attribution.demo.model import DigitsCNN
     d = load_digits(); torch.manual_seed(0)
     model = DigitsCNN(channels=8, hidden=32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

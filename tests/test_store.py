@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import historystore as hs
-from historystore.inspect import info, verify
+from historystore.meta.inspect import info, verify
 
 from .conftest import Run, record_run
 
@@ -101,7 +101,7 @@ def test_verify_and_info_on_a_sound_store(run: Run) -> None:
 def test_restore_then_resume_continues_the_run_exactly(tmp_path, digits) -> None:
     """Stop after 20 steps, restore model+optimizer from the store, resume: the result equals
     an uninterrupted 35-step run bit for bit (so the stored state is complete)."""
-    from historystore.demo.model import DigitsCNN
+    from attribution.demo.model import DigitsCNN
 
     from .conftest import make_optimizer
 

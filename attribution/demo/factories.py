@@ -1,7 +1,7 @@
 """Importable factories for ``historystore explain`` on a demo store, and the loader they use.
 
-``historystore explain STORE --model historystore.demo.factories:model
---data historystore.demo.factories:train_data --test historystore.demo.factories:test_data``
+``historystore explain STORE --model attribution.demo.factories:model
+--data attribution.demo.factories:train_data --test attribution.demo.factories:test_data``
 shows how a user's own run plugs in: each option names ``module:function``; the model factory
 gets the store's run config (the dict passed as ``run_config`` when recording).
 """

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...reader import StepBlock
+from historystore.read.store import StepBlock
+
 from .base import AttributionMethod, ExplainContext, LayerSpec, register_method
 
 

@@ -31,9 +31,10 @@ import zarr
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import EncodingError
-from ..reader import HistoryStore, open_store
-from ..tensors import auto_device
+from historystore.errors import EncodingError
+from historystore.read.store import HistoryStore, open_store
+from historystore.tensors import auto_device
+
 from .layers import adapter_for, registered_types
 from .methods.base import (
     AttributionMethod,

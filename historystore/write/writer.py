@@ -22,10 +22,12 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from . import codecs, layout
-from .encodings import get_encoding
-from .errors import RecorderError
-from .layout import RunMeta
+from .. import codecs
+from ..encodings import get_encoding
+from ..errors import RecorderError
+from ..meta import layout
+from ..meta.commit import Commit
+from ..meta.layout import RunMeta
 
 
 @dataclass
@@ -56,32 +58,6 @@ class Block:
     keyframes: list[Keyframe] = field(default_factory=list)
     release: Callable[[], None] | None = None
     optim_state: dict[str, list[Any]] | None = None  # the state layout as of this block
-
-
-@dataclass
-class Commit:
-    """Committed counts: what readers may trust."""
-
-    num_steps: int = 0
-    num_ids: int = 0
-    num_ghost_ids: int = 0
-    num_fixes: int = 0
-    num_keyframes: int = 0
-
-    def ragged_count(self, path: str) -> int:
-        return {
-            "batch/ids": self.num_ids,
-            "batch/labels": self.num_ids,
-            "batch/ghost_ids": self.num_ghost_ids,
-            "fixes/tensor": self.num_fixes,
-            "fixes/index": self.num_fixes,
-            "fixes/bits": self.num_fixes,
-        }[path]
-
-
-def read_commit(group: zarr.Group) -> Commit:
-    attrs = group["commit"].attrs.asdict()
-    return Commit(**{k: int(attrs.get(k, 0)) for k in Commit.__dataclass_fields__})
 
 
 def _create(

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._version import __version__
-from .errors import NotAStoreError, SchemaVersionError
+from .._version import __version__
+from ..errors import NotAStoreError, SchemaVersionError
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "historystore"

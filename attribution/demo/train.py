@@ -22,8 +22,9 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RecorderConfig
-from ..recorder import Recorder
+from historystore.config import RecorderConfig
+from historystore.write.recorder import Recorder
+
 from .data import Digits, load_digits
 from .model import DigitsCNN
 
@@ -100,7 +101,7 @@ def train(
     overwrite: bool = True,
 ) -> TrainedRun:
     """Train the demo CNN with recording on; deterministic for a given seed."""
-    from ..protocol import SingleClassGhostSampler, ghost_split
+    from historystore.protocol import SingleClassGhostSampler, ghost_split
 
     config = config or TrainConfig()
     torch.manual_seed(config.seed)

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import zarr
 
-from . import layout, tensors
-from .encodings import Encoding, get_encoding
-from .errors import CorruptStoreError, EncodingError, ModelMismatchError, NotAStoreError
-from .layout import RunMeta, TensorInfo
-from .writer import Commit, read_commit
+from .. import tensors
+from ..encodings import Encoding, get_encoding
+from ..errors import CorruptStoreError, EncodingError, ModelMismatchError, NotAStoreError
+from ..meta import layout
+from ..meta.commit import Commit, read_commit
+from ..meta.layout import RunMeta, TensorInfo
 
 
 @dataclass(frozen=True)

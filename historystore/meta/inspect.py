@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import zarr
 
-from . import layout, tensors
-from .errors import CorruptStoreError, HistoryStoreError
-from .reader import HistoryStore, open_store
+from .. import tensors
+from ..errors import CorruptStoreError, HistoryStoreError
+from ..read.store import HistoryStore, open_store
+from . import layout
 
 
 def _du(path: str) -> int:

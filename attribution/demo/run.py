@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..inspect import info
+from historystore.meta.inspect import info
+
 from ..report import PointExplanation, ReportData, render
 from .train import TrainConfig, train
 
@@ -105,7 +106,7 @@ def run_demo(
     Returns a summary (paths, timings, store figures) that is also saved as
     ``out/summary.json``.
     """
-    from ..attribution import explain
+    from attribution import explain
 
     config = config or TrainConfig()
     out = Path(out)

@@ -21,12 +21,14 @@ import numpy as np
 import torch
 import zarr
 
-from . import layout, tensors
-from .config import RecorderConfig
-from .encodings import Encoding, StepContext, get_encoding, resolve
-from .errors import EncodingError, ModelMismatchError, NotAStoreError, RecorderError
-from .layout import ArrayInfo, RunMeta, TensorInfo
-from .writer import Block, BlockWriter, Commit, Keyframe, create_layout
+from .. import tensors
+from ..config import RecorderConfig
+from ..encodings import Encoding, StepContext, get_encoding, resolve
+from ..errors import EncodingError, ModelMismatchError, NotAStoreError, RecorderError
+from ..meta import layout
+from ..meta.commit import Commit
+from ..meta.layout import ArrayInfo, RunMeta, TensorInfo
+from .writer import Block, BlockWriter, Keyframe, create_layout
 
 IdsLike = torch.Tensor | np.ndarray | Sequence[int]
 
@@ -267,7 +269,7 @@ class Recorder:
         self._commit = Commit()
 
     def _open_existing(self) -> None:
-        from .reader import open_store
+        from ..read.store import open_store
 
         store = open_store(self.path)
         self.meta = store.meta

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...reader import StepBlock
+from historystore.read.store import StepBlock
+
 from ..layers import LayerAdapter
 
 

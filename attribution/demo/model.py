@@ -14,7 +14,7 @@ class DigitsCNN(nn.Module):
         bn2d: type[nn.Module] = nn.BatchNorm2d
         bn1d: type[nn.Module] = nn.BatchNorm1d
         if ghost:
-            from ..protocol import GhostBatchNorm1d, GhostBatchNorm2d
+            from historystore.protocol import GhostBatchNorm1d, GhostBatchNorm2d
 
             bn2d, bn1d = GhostBatchNorm2d, GhostBatchNorm1d
         self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
