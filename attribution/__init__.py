@@ -6,7 +6,14 @@ of test points, and returns an :class:`AttributionResult` (per-step scores, top-
 examples, per-class ridge data) that saves to ``.npz`` or zarr.
 """
 
-from .engine import Engine, explain, index_store, resolve_layers, supported_layers
+from .engine import (
+    Engine,
+    explain,
+    index_store,
+    resolve_layers,
+    self_influence,
+    supported_layers,
+)
 from .layers import (
     ConvAdapter,
     LayerAdapter,
@@ -45,5 +52,6 @@ __all__ = [
     "register_adapter",
     "register_method",
     "resolve_layers",
+    "self_influence",
     "supported_layers",
 ]

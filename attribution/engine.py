@@ -46,6 +46,8 @@ from .methods.base import (
 from .results import AttributionResult, concat_layers
 
 Scheduler = Any  # None | "threads" | "sync" | dask.distributed.Client | scheduler address
+# on_scores(layer, kind ("gamma", "cosine", ...), scores [b, num_train], first test row)
+ScoresCallback = Callable[[str, str, np.ndarray, int], None]
 _INDEX_CHUNK = 1 << 16  # steps per read of the batch ids when indexing the run
 
 
@@ -163,11 +165,18 @@ def _scan_range(
     return method.state_to(state, "cpu") if to_cpu else state
 
 
+WEIGHTS = ("store", "model")
+
+
 class Engine:
     """Explains test points of one store and model; reusable for several test sets.
 
-    ``store.restore(model)`` loads θ_T and the buffers into ``model`` (in place) and raises
-    :class:`~historystore.errors.ModelMismatchError` when the model does not match the store.
+    ``weights="store"`` (default): ``store.restore(model)`` loads θ_T and the buffers into
+    ``model`` (in place). ``weights="model"``: the model keeps its own weights and buffers (e.g.
+    a randomised copy, for a model-randomisation sanity check); they give the test-side
+    quantities (each layer's input a and output z) while the history (θ_0 and every Δ_t) still
+    comes from the store. Either way a model whose parameters do not match the store raises
+    :class:`~historystore.errors.ModelMismatchError`.
     """
 
     def __init__(
@@ -183,11 +192,18 @@ class Engine:
         num_workers: int | None = None,
         prefetch: int = 2,
         progress: bool = True,
+        weights: str = "store",
         **method_options: Any,
     ) -> None:
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
         self.store = store if isinstance(store, HistoryStore) else open_store(store)
         self.model = model
-        self.store.restore(model)
+        self.weights = weights
+        if weights == "store":
+            self.store.restore(model)
+        else:
+            self.store.check_model(model)
         self.method = get_method(method, **method_options)
         self._device_arg = device
         self.device = auto_device(device)
@@ -228,16 +244,20 @@ class Engine:
                     )
 
     def _initial_terms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """(W_0, b_0) per layer; a bias that was not recorded is constant, so b_0 = b_T."""
+        """(W_0, b_0) per layer; a bias that was not recorded is constant, so b_0 = b_T (the
+        store's value, which the model holds after a restore)."""
         names = [n for s in self.layers for n in s.tensors]
         theta0 = self.store.params_at(0, names)
+        fixed = self.store.buffers_at(0) if self.weights == "model" else {}
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for s in self.layers:
             b0: torch.Tensor | None = None
             if s.bias is not None:
                 b0 = theta0[s.bias]
             elif s.adapter.bias is not None:
-                const = getattr(s.module, s.adapter.bias, None)
+                const = fixed.get(f"{s.name}.{s.adapter.bias}")
+                if const is None:
+                    const = getattr(s.module, s.adapter.bias, None)
                 b0 = const.detach().cpu().clone() if isinstance(const, torch.Tensor) else None
             out[s.name] = (theta0[s.weight], b0)
         return out
@@ -264,7 +284,7 @@ class Engine:
         self.model.eval()
         try:
             with torch.no_grad():
-                y = self.model(x)
+                y = self._forward(x)
         finally:
             self.model.train(was_training)
             for h in handles:
@@ -289,6 +309,45 @@ class Engine:
         outputs = {n: z.to(self.device) for n, (_, z) in got.items() if n not in missing}
         self._out_shapes = {n: tuple(z.shape[1:]) for n, z in outputs.items()}
         return inputs, outputs, y
+
+    def _forward(self, x: torch.Tensor) -> Any:
+        """The model's forward pass; an error inside it names the module that raised it and
+        that module's input shapes (a test batch of the wrong shape otherwise surfaces as a bare
+        matmul or conv error)."""
+        entered: list[tuple[str, nn.Module, tuple[Any, ...]]] = []
+        done: list[tuple[str, Any]] = []
+
+        def pre(name: str, m: nn.Module, args: tuple[Any, ...]) -> None:
+            entered.append((name, m, args))
+
+        def post(name: str, _m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+            entered.pop()
+            done[:] = [(name, out)]
+
+        handles = []
+        for name, m in self.model.named_modules():
+            handles.append(m.register_forward_pre_hook(functools.partial(pre, name)))
+            handles.append(m.register_forward_hook(functools.partial(post, name)))
+        try:
+            return self.model(x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            if not entered:
+                raise
+            name, m, args = entered[-1]
+            got = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+            if name:
+                where = f"layer {name!r} ({type(m).__name__}({m.extra_repr()})) failed on "
+                where += f"its input of shape {got}"
+            else:
+                where = "the model's forward pass failed outside its submodules"
+                if done and isinstance(done[0][1], torch.Tensor):
+                    where += f", after layer {done[0][0]!r} returned {tuple(done[0][1].shape)}"
+            raise ValueError(
+                f"test_x of shape {tuple(x.shape)} does not fit the model: {where}: {e}"
+            ) from e
+        finally:
+            for h in handles:
+                h.remove()
 
     def _context(self, x: torch.Tensor) -> tuple[ExplainContext, Any]:
         inputs, outputs, y = self._capture(x)
@@ -448,8 +507,15 @@ class Engine:
         test_x: torch.Tensor | np.ndarray,
         test_batch_size: int = 64,
         scores_path: str | os.PathLike[str] | None = None,
+        on_scores: ScoresCallback | None = None,
     ) -> AttributionResult:
-        """Explain every test point; one pass over the store per batch of test points."""
+        """Explain every test point; one pass over the store per batch of test points.
+
+        The method's full per-example scores (preactivation: ``keep_scores=True``) go to
+        ``scores_path`` (a zarr group: array ``<layer>`` for γ, ``<layer>@cosine`` for the
+        cosine) and/or to ``on_scores(layer, kind, scores [b, num_train], first_row)``, one test
+        batch at a time; they are never held for all test points at once.
+        """
         x = torch.as_tensor(test_x)
         if x.dim() == 0 or len(x) == 0:
             raise ValueError("test_x must hold at least one test point (leading batch axis)")
@@ -476,14 +542,21 @@ class Engine:
                     outputs.append(y.detach().float().cpu().numpy())
                 state = self._run(ctx, bar)
                 arrays = self.method.finalize(state, ctx)
+                got = False
                 for layer, d in arrays.items():
-                    s = d.pop("example_scores", None)
-                    if s is not None and scores_path is not None:
-                        self._write_scores(scores, scores_path, layer, s, b0, n, test_batch_size)
-                if scores_path is not None and not scores:
+                    for key in [k for k in d if k.startswith("example_scores")]:
+                        s, got = d.pop(key), True
+                        kind = key.removeprefix("example_scores").lstrip("_") or "gamma"
+                        if on_scores is not None:
+                            on_scores(layer, kind, s, b0)
+                        if scores_path is not None:
+                            name = layer if kind == "gamma" else f"{layer}@{kind}"
+                            self._write_scores(scores, scores_path, name, s, b0, n, test_batch_size)
+                if (scores_path is not None or on_scores is not None) and not got:
+                    where = scores_path if scores_path is not None else "on_scores"
                     raise ValueError(
-                        f"method {self.method.name!r} produced no per-example scores to write to "
-                        f"{scores_path} (for the preactivation method: keep_scores=True)"
+                        f"method {self.method.name!r} produced no per-example scores for "
+                        f"{where} (for the preactivation method: keep_scores=True)"
                     )
                 parts.append(arrays)
                 del state, ctx
@@ -515,6 +588,7 @@ class Engine:
                 for s in self.layers
             },
             "skipped_layers": dict(self.skipped),
+            "weights": self.weights,
             "device": str(self.device),
             "scheduler": self.scheduler if isinstance(self.scheduler, str) else "distributed",
             "test_batch_size": test_batch_size,
@@ -549,6 +623,57 @@ class Engine:
             )
         arrays[layer][row : row + len(s)] = s
 
+    def self_influence(
+        self,
+        train_x: torch.Tensor | np.ndarray,
+        ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        *,
+        score: str = "gamma",
+        test_batch_size: int = 64,
+    ) -> dict[str, np.ndarray]:
+        """Each training example's score on itself, per layer [n] (float64); high = suspicious.
+
+        Row i of ``train_x`` is training example ``ids[i]`` (default: i, the recorded id).
+        The value is the *negated* score of example i's own updates on its own final
+        preactivation: −Σ_t (its share of γ_t at x_i), or of γ̄_t with ``score="cosine"``.
+        Updates from an example whose label disagrees with what the rest of the data taught
+        the model push its preactivation away from where it ends up, so such examples (wrong
+        labels, atypical examples) rank first, as TracIn's self-influence ranks them; examples
+        the model fits well score negative. An id that never occurs in the run scores 0. The
+        method must return full per-example scores (preactivation: ``keep_scores=True``; the
+        module-level :func:`self_influence` sets it). One pass over the store per
+        ``test_batch_size`` training examples.
+        """
+        x = torch.as_tensor(train_x)
+        if x.dim() == 0 or len(x) == 0:
+            raise ValueError("train_x must hold at least one training example (leading axis)")
+        rows = np.arange(len(x)) if ids is None else np.asarray(torch.as_tensor(ids).cpu())
+        if rows.shape != (len(x),) or not np.issubdtype(rows.dtype, np.integer):
+            raise ValueError(
+                f"ids must be {len(x)} integers (one per row of train_x), got shape "
+                f"{rows.shape} {rows.dtype}"
+            )
+        if len(rows) and rows.min() < 0:
+            raise ValueError(f"ids must be >= 0, got {int(rows.min())}")
+        out: dict[str, np.ndarray] = {}
+        inside = rows < self.index.num_train
+
+        def take(layer: str, kind: str, s: np.ndarray, row: int) -> None:
+            if kind != score:
+                return
+            d = out.setdefault(layer, np.zeros(len(x), dtype=np.float64))
+            r = rows[row : row + len(s)]
+            ok = inside[row : row + len(s)]
+            d[row : row + len(s)][ok] = -s[np.flatnonzero(ok), r[ok]].astype(np.float64)
+
+        self.explain(x, test_batch_size=test_batch_size, on_scores=take)
+        if not out:
+            raise ValueError(
+                f"method {self.method.name!r} gave no per-example {score!r} scores "
+                "(preactivation: scores=('gamma', 'cosine') chooses them)"
+            )
+        return out
+
 
 def explain(
     store: HistoryStore | str | os.PathLike[str],
@@ -567,12 +692,17 @@ def explain(
     num_workers: int | None = None,
     prefetch: int = 2,
     method_options: dict[str, Any] | None = None,
+    weights: str = "store",
 ) -> AttributionResult:
     """Explain the model's predictions on ``test_x`` from the recorded training history.
 
     store: a path or an open :class:`HistoryStore`. model: the trained architecture; its
     weights are replaced in place by the store's θ_T and buffers, and a model that does not
     match the store raises :class:`~historystore.errors.ModelMismatchError`.
+    weights: "store" (as just said) or "model": keep the model's own weights and buffers for
+    the test side (layer inputs a, outputs z) while θ_0 and the deltas come from the store;
+    then ``total`` is the store's final layer applied to the model's inputs and
+    ``decomposition_error`` measures how far the model's layer is from the recorded one.
     layers: module paths to explain (None: every supported layer whose weight was recorded and
     that the forward pass calls once; the others are listed in ``attrs["skipped_layers"]``).
     method: a registered method name or an :class:`AttributionMethod` instance; ``top_k`` and
@@ -583,7 +713,8 @@ def explain(
     leaves free, which on most machines means one prefetching scan), "sync" one sequential
     scan, or a ``dask.distributed.Client`` / scheduler address (workers must see the store's
     path). scores_path: also write the full per-example scores [n_test, num_train] of each
-    layer to this zarr group, one test batch at a time.
+    layer to this zarr group (γ as ``<layer>``, the cosine as ``<layer>@cosine``), one test
+    batch at a time.
     """
     options = dict(method_options or {})
     if isinstance(method, str):
@@ -601,6 +732,57 @@ def explain(
         num_workers=num_workers,
         prefetch=prefetch,
         progress=progress,
+        weights=weights,
         **options,
     )
     return engine.explain(test_x, test_batch_size=test_batch_size, scores_path=scores_path)
+
+
+def self_influence(
+    store: HistoryStore | str | os.PathLike[str],
+    model: nn.Module,
+    train_x: torch.Tensor | np.ndarray,
+    ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+    layers: Sequence[str] | None = None,
+    method: str | AttributionMethod = "preactivation",
+    *,
+    score: str = "gamma",
+    test_batch_size: int = 64,
+    device: str | torch.device | None = None,
+    block_steps: int | None = None,
+    scheduler: Scheduler = None,
+    num_workers: int | None = None,
+    prefetch: int = 2,
+    progress: bool = True,
+    weights: str = "store",
+    method_options: dict[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Self-influence of training examples: {layer: [n] float64}, high = suspicious.
+
+    Row i of ``train_x`` is the training example with recorded id ``ids[i]`` (default: i).
+    Sign convention (as TracIn's): the negated score of an example's own updates on its own
+    final preactivation, so examples with wrong labels rank first (see
+    :meth:`Engine.self_influence`). ``score``: "gamma" or "cosine" (each step's share
+    normalised by ‖z‖ ‖c_t‖). Costs one pass over the store per ``test_batch_size`` examples.
+    """
+    options = dict(method_options or {})
+    if isinstance(method, str):
+        options.setdefault("keep_scores", True)
+        options.setdefault("top_k", 0)
+        if method == "preactivation":
+            options.setdefault("scores", (score,))
+    engine = Engine(
+        store,
+        model,
+        layers,
+        method,
+        device=device,
+        block_steps=block_steps,
+        scheduler=scheduler,
+        num_workers=num_workers,
+        prefetch=prefetch,
+        progress=progress,
+        weights=weights,
+        **options,
+    )
+    return engine.self_influence(train_x, ids, score=score, test_batch_size=test_batch_size)

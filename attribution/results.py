@@ -41,8 +41,9 @@ class AttributionResult:
     """Per-layer arrays of one explanation, plus test-point independent arrays and settings.
 
     ``layers[layer][field]``: e.g. for the preactivation method ``gamma`` [N, T], ``cosine``,
-    ``norm``, ``topk_ids``/``topk_scores`` [N, k], ``class_kde`` [N, C, G], ``class_weight``
-    [N, C], ``init``/``total``/``preactivation`` [N, D]. ``arrays``: e.g. ``grid`` [G] and the
+    ``norm``, ``topk_ids``/``topk_scores`` [N, k] (by γ; ``cosine_topk_*`` by the cosine, and
+    ``bottomk_*`` the lowest), ``class_kde`` [N, C, G], ``class_weight`` [N, C],
+    ``init``/``total``/``preactivation`` [N, D]. ``arrays``: e.g. ``grid`` [G] and the
     model's ``outputs`` [N, ...]. ``attrs``: JSON-able settings and facts about the run.
     """
 
@@ -71,10 +72,31 @@ class AttributionResult:
                 f"no layer {layer!r} in this result; layers: {self.layer_names}"
             ) from None
 
-    def topk(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, scores) [N, k] of the most influential training examples (-1/NaN padded)."""
+    def topk(self, layer: str, score: str = "gamma") -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) [N, k] of the most influential training examples, highest first, by
+        the per-example ``score`` ("gamma" or "cosine")."""
+        return self._ranked(layer, score, "topk")
+
+    def bottomk(self, layer: str, score: str = "gamma") -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) [N, k] of the most opposing training examples, lowest first."""
+        return self._ranked(layer, score, "bottomk")
+
+    def _ranked(self, layer: str, score: str, end: str) -> tuple[np.ndarray, np.ndarray]:
         d = self[layer]
-        return d["topk_ids"], d["topk_scores"]
+        pre = "" if score == "gamma" else f"{score}_"
+        if f"{pre}{end}_ids" not in d:
+            have = sorted(
+                {
+                    k.removesuffix(f"{end}_ids").rstrip("_") or "gamma"
+                    for k in d
+                    if k.endswith(f"{end}_ids")
+                }
+            )
+            raise KeyError(
+                f"layer {layer!r} has no per-example {score!r} scores; this result has {have} "
+                "(the preactivation method's scores= option chooses them)"
+            )
+        return d[f"{pre}{end}_ids"], d[f"{pre}{end}_scores"]
 
     def ridge(self, layer: str, normalize: bool = True) -> np.ndarray:
         """Per-class KDE of the step cosines [N, C, G]; ``normalize`` makes each class's curve

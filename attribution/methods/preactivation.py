@@ -15,6 +15,9 @@ as running sums in the stream so memory does not grow with the number of steps:
   has per-example factors of an nn.Linear weight (Δ_t = Σ_r u_r v_rᵀ, row r = example r of the
   batch, ghosts after the real rows), the weight's part of γ_t is split *exactly*:
   γ_{t,r} = ⟨z, u_r⟩ ⟨v_r, a⟩; only the rest (the bias's part, float residue) is split equally.
+  The cosine's per-example scores split each step's γ̄_t = γ_t / (‖z‖ ‖c_t‖) the same way
+  (every share of γ_t divided by the step's ‖z‖ ‖c_t‖), so an example's cosine score is Σ of its
+  shares of γ̄_t and the scores of all examples sum to Σ_t γ̄_t -> ``cosine_topk_*``.
 * per class: weighted Gaussian KDE of γ̄_t (weight ‖c_t‖, bandwidth h) over the steps whose batch
   held the class, on a grid over [-1, 1] -> ``class_kde`` [B, C, G] (unnormalised: Σ_t w_t
   exp(-(g-γ̄_t)²/2h²)) and ``class_weight`` [B, C] (Σ_t w_t), for ridge plots
@@ -45,7 +48,8 @@ class _LayerAcc:
     norm: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     dw_sum: torch.Tensor | None = None  # Σ_t ΔW_t, float64 (weight shape)
     db_sum: torch.Tensor | None = None  # Σ_t Δb_t, float64 (bias shape), None without bias
-    examples: torch.Tensor | None = None  # [B, N] float64
+    examples: torch.Tensor | None = None  # [B, N] float64, shares of γ_t
+    examples_cos: torch.Tensor | None = None  # [B, N] float64, shares of γ̄_t (or None)
     kde: torch.Tensor | None = None  # [B, C, G] float64
     class_weight: torch.Tensor | None = None  # [B, C] float64
 
@@ -68,10 +72,14 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 class PreactivationMethod(AttributionMethod):
     """The preactivation decomposition (see the module docstring for what it returns).
 
-    ``top_k``: training examples kept per test point (highest and lowest scores).
+    ``top_k``: training examples kept per test point (highest and lowest scores); clamped to
+    the number of training examples that occur in the run (the arrays are then narrower).
+    ``scores``: which per-example scores to accumulate: "gamma" (shares of γ_t; ``topk_*``,
+    ``bottomk_*``) and/or "cosine" (shares of γ̄_t; ``cosine_topk_*``, ``cosine_bottomk_*``);
+    each costs one float64 [B, num_train] accumulator.
     ``bandwidth``/``grid_size``: the class KDE's Gaussian bandwidth and grid over [-1, 1].
-    ``keep_scores``: also return the full per-example scores ``example_scores`` [B, N] (the
-    engine writes them to zarr in chunks instead of keeping them).
+    ``keep_scores``: also return the full per-example scores ``example_scores`` [B, N] (and
+    ``example_scores_cosine``; the engine writes them to zarr in chunks instead of keeping them).
     ``split``: "auto" splits a step's γ exactly per example where the store has per-example
     factors of the layer's weight, equally otherwise; "equal" always splits equally (the
     paper's rule).
@@ -91,10 +99,18 @@ class PreactivationMethod(AttributionMethod):
         keep_scores: bool = False,
         chunk_elements: int | None = None,
         split: str = "auto",
+        scores: str | tuple[str, ...] | list[str] = ("gamma", "cosine"),
     ) -> None:
         if split not in ("auto", "equal"):
             raise ValueError(f"split must be 'auto' or 'equal', got {split!r}")
         self.split = split
+        kinds = (scores,) if isinstance(scores, str) else tuple(scores)
+        bad = [k for k in kinds if k not in SCORE_KINDS]
+        if bad or not kinds or len(set(kinds)) != len(kinds):
+            raise ValueError(
+                f"scores must be one or both of {SCORE_KINDS} without repeats, got {scores!r}"
+            )
+        self.scores = tuple(k for k in SCORE_KINDS if k in kinds)
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
         if not bandwidth > 0:
@@ -165,7 +181,12 @@ class PreactivationMethod(AttributionMethod):
                 db_sum=torch.zeros(b0.shape, dtype=f64, device=dev)
                 if spec.bias is not None and b0 is not None
                 else None,
-                examples=torch.zeros(b, n, dtype=f64, device=dev),
+                examples=torch.zeros(b, n, dtype=f64, device=dev)
+                if "gamma" in self.scores
+                else None,
+                examples_cos=torch.zeros(b, n, dtype=f64, device=dev)
+                if "cosine" in self.scores
+                else None,
                 kde=torch.zeros(b, c, g, dtype=f64, device=dev),
                 class_weight=torch.zeros(b, c, dtype=f64, device=dev),
             )
@@ -192,17 +213,21 @@ class PreactivationMethod(AttributionMethod):
         for spec in ctx.layers:
             ex = ctx.extra["preactivation"][spec.name]
             acc = state.layers[spec.name]
-            assert acc.examples is not None
             gamma, norm = self._contributions(spec, block, ex, acc)  # [B, S]
             denom = ex["znorm"].to(gamma.dtype)[:, None] * norm
             cos = torch.where(denom > 0, gamma / denom.clamp_min(1e-300), torch.zeros_like(gamma))
             self._kde(acc, cos.float(), norm.float(), member, grid)
             if ids is not None:
                 assert rows is not None and share is not None
+                d64 = denom.double()  # 1/(‖z‖ ‖c_t‖) turns a share of γ_t into one of γ̄_t
+                inv = torch.where(d64 > 0, 1.0 / d64.clamp_min(1e-300), torch.zeros_like(d64))
                 rest = gamma.double()
                 if self._exact(spec, ctx) and block.raw is not None:
-                    rest = rest - self._split_exactly(spec, block, ex, acc, ctx)
-                acc.examples.index_add_(1, ids, rest[:, rows] * share)
+                    rest = rest - self._split_exactly(spec, block, ex, acc, ctx, inv)
+                if acc.examples is not None:
+                    acc.examples.index_add_(1, ids, rest[:, rows] * share)
+                if acc.examples_cos is not None:
+                    acc.examples_cos.index_add_(1, ids, (rest * inv)[:, rows] * share)
             acc.gamma.append((block.start, gamma.float()))
             acc.norm.append((block.start, norm.float()))
 
@@ -213,12 +238,14 @@ class PreactivationMethod(AttributionMethod):
         ex: dict[str, torch.Tensor],
         acc: _LayerAcc,
         ctx: ExplainContext,
+        inv: torch.Tensor,
     ) -> torch.Tensor:
-        """Add γ_{t,r} = ⟨z, u_r⟩⟨v_r, a⟩ to each row's example; return Σ_r γ_{t,r} [B, S].
+        """Add γ_{t,r} = ⟨z, u_r⟩⟨v_r, a⟩ to each row's example (and γ_{t,r} · inv_t, inv =
+        1/(‖z‖ ‖c_t‖) [B, S], to its cosine score); return Σ_r γ_{t,r} [B, S].
 
         Rows map to the step's ids, then its ghost ids; padding rows (u = 0) and rows without
         an id add nothing here (whatever they hold stays in the equally split rest)."""
-        assert block.raw is not None and acc.examples is not None
+        assert block.raw is not None
         f = block.raw[spec.weight]
         z, a = ex["z"], ex["a"]
         u, v = f["u"].to(z.dtype), f["v"].to(z.dtype)  # [S, R, out], [S, R, in]
@@ -237,7 +264,10 @@ class PreactivationMethod(AttributionMethod):
         g = torch.einsum("bo,sro->bsr", z, u).double() * torch.einsum("bi,sri->bsr", a, v).double()
         g = g * valid
         keep = torch.from_numpy(rid[rid >= 0]).to(z.device)
-        acc.examples.index_add_(1, keep, g[:, valid])
+        if acc.examples is not None:
+            acc.examples.index_add_(1, keep, g[:, valid])
+        if acc.examples_cos is not None:
+            acc.examples_cos.index_add_(1, keep, (g * inv[:, :, None])[:, valid])
         return g.sum(2)
 
     def _contributions(
@@ -332,31 +362,31 @@ class PreactivationMethod(AttributionMethod):
         for spec in ctx.layers:
             acc = state.layers[spec.name]
             ex = ctx.extra["preactivation"][spec.name]
-            assert acc.dw_sum is not None and acc.examples is not None
+            assert acc.dw_sum is not None
             assert acc.kde is not None and acc.class_weight is not None
             gamma = _assemble(acc.gamma, ctx.batch_size, t_total, spec.name)
             norm = _assemble(acc.norm, ctx.batch_size, t_total, spec.name)
             denom = ex["znorm"].float().cpu().numpy()[:, None] * norm
             with np.errstate(divide="ignore", invalid="ignore"):
                 cosine = np.where(denom > 0, gamma / denom, 0.0).astype(np.float32)
-            top_ids, top_sc = _topk(acc.examples, seen, self.top_k, largest=True)
-            bot_ids, bot_sc = _topk(acc.examples, seen, self.top_k, largest=False)
-            arrays = {
-                "gamma": gamma,
-                "norm": norm,
-                "cosine": cosine,
-                "topk_ids": top_ids,
-                "topk_scores": top_sc,
-                "bottomk_ids": bot_ids,
-                "bottomk_scores": bot_sc,
+            arrays = {"gamma": gamma, "norm": norm, "cosine": cosine}
+            for kind, scores in (("gamma", acc.examples), ("cosine", acc.examples_cos)):
+                if scores is None:
+                    continue
+                pre = "" if kind == "gamma" else f"{kind}_"
+                for end, largest in (("topk", True), ("bottomk", False)):
+                    ids_, sc_ = _topk(scores, seen, self.top_k, largest=largest)
+                    arrays[f"{pre}{end}_ids"], arrays[f"{pre}{end}_scores"] = ids_, sc_
+                if self.keep_scores:
+                    key = "example_scores" if kind == "gamma" else f"example_scores_{kind}"
+                    arrays[key] = scores.float().cpu().numpy()
+            arrays |= {
                 "class_kde": acc.kde.float().cpu().numpy(),
                 "class_weight": acc.class_weight.cpu().numpy(),
                 "init": ex["init"].cpu().numpy(),
                 "total": self._total(spec, acc, ex).cpu().numpy(),
                 "preactivation": ex["z"].cpu().numpy(),
             }
-            if self.keep_scores:
-                arrays["example_scores"] = acc.examples.float().cpu().numpy()
             out[spec.name] = arrays
         return out
 
@@ -377,11 +407,13 @@ class PreactivationMethod(AttributionMethod):
             "bandwidth": self.bandwidth,
             "grid_size": self.grid_size,
             "split": self.split,
+            "scores": list(self.scores),
             "kde_normaliser": "class_kde / (class_weight * bandwidth * sqrt(2 pi))",
         }
 
 
-_SUMS = ("dw_sum", "db_sum", "examples", "kde", "class_weight")
+SCORE_KINDS = ("gamma", "cosine")
+_SUMS = ("dw_sum", "db_sum", "examples", "examples_cos", "kde", "class_weight")
 
 
 def _to(t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
@@ -405,17 +437,13 @@ def _assemble(
 def _topk(
     scores: torch.Tensor, seen: torch.Tensor, k: int, largest: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top (or bottom) k example ids per row among ids that occur in the run; pads with -1/NaN
-    when fewer than k examples were seen."""
-    b = scores.shape[0]
-    ids = np.full((b, k), -1, dtype=np.int64)
-    vals = np.full((b, k), np.nan, dtype=np.float64)
-    kk = min(k, int(seen.sum()))
-    if kk == 0:
-        return ids, vals
+    """Top (or bottom) k example ids per row among ids that occur in the run. A k larger than
+    the number of such examples is clamped to it (every seen example, ranked): ids that never
+    occur have no score, and placeholder ids would pass for real training examples."""
+    k = min(k, int(seen.sum()))
+    if k == 0:
+        return np.zeros((scores.shape[0], 0), np.int64), np.zeros((scores.shape[0], 0))
     fill = -math.inf if largest else math.inf
     masked = torch.where(seen[None, :], scores, torch.full_like(scores, fill))
-    v, i = torch.topk(masked, kk, dim=1, largest=largest)
-    ids[:, :kk] = i.cpu().numpy()
-    vals[:, :kk] = v.cpu().numpy()
-    return ids, vals
+    v, i = torch.topk(masked, k, dim=1, largest=largest)
+    return i.cpu().numpy().astype(np.int64), v.cpu().numpy().astype(np.float64)
