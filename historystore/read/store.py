@@ -59,6 +59,10 @@ class StepBlock:
     raw: dict[str, dict[str, torch.Tensor]] | None = None
     ghost_ids: np.ndarray | None = None  # ghost examples, ``ghost_offsets`` like ``offsets``
     ghost_offsets: np.ndarray | None = None
+    # with ``scan(params=True)``: θ_start ... θ_stop, ``[steps + 1, *shape]`` (exact replay)
+    params: dict[str, torch.Tensor] | None = None
+    # with ``scan(optim=True)``: optimizer state after each step, ``{name: {key: [steps, ...]}}``
+    optim: dict[str, dict[str, torch.Tensor]] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -180,6 +184,14 @@ class HistoryStore:
     def scalars(self, name: str) -> np.ndarray:
         """A per-step scalar array (loss, timestamp, duration, batch_size, ...)."""
         return self._scalars[name]
+
+    def hparam(self, key: str) -> np.ndarray:
+        """A per-step hyperparameter ``g<group>.<key>`` (NaN where the optimizer has none)."""
+        return self._hparams.get(key, np.full(self.num_steps, np.nan))
+
+    def group_of(self, name: str) -> int:
+        """The param group index of recorded tensor ``name``."""
+        return self._group_of[name]
 
     def lr(self, name: str | None = None) -> np.ndarray:
         """Learning rate per step for tensor ``name``'s param group (group 0 by default)."""
@@ -352,8 +364,10 @@ class HistoryStore:
         device: str | torch.device | None = "cpu",
         dense: bool = True,
         raw: bool = False,
+        optim: bool = False,
     ) -> StepBlock:
-        """Read and decode steps [start, stop) of the chosen tensors."""
+        """Read and decode steps [start, stop) of the chosen tensors (``optim``: and their
+        recorded optimizer state)."""
         names = self._names(names)
         dev = tensors.auto_device(device)
         ids, labels, offsets = self.batches(start, stop)
@@ -368,6 +382,18 @@ class HistoryStore:
             if dense:
                 deltas[n] = self.encodings[n].decode_block(arrays)
         lr = {n: self.lr(n)[start:stop] for n in names}
+        states = None
+        if optim:
+            states = {
+                n: {
+                    a.name: tensors.from_numpy(
+                        self._read(layout.optim_path(n, a.name), start, stop), a.dtype
+                    ).to(dev)
+                    for a in self.meta.optim_state[n]
+                }
+                for n in names
+                if n in self.meta.optim_state
+            }
         return StepBlock(
             start,
             stop,
@@ -379,6 +405,7 @@ class HistoryStore:
             self._scalars["loss"][start:stop],
             raws if raws else None,
             *self.ghost_batches(start, stop),
+            optim=states,
         )
 
     def scan(
@@ -392,19 +419,69 @@ class HistoryStore:
         prefetch: int = 2,
         dense: bool = True,
         raw: bool = False,
+        params: bool = False,
+        optim: bool = False,
     ) -> Iterator[StepBlock]:
         """Yield blocks of steps in order, reading the next ``prefetch`` blocks in background
-        threads while the caller computes on the current one."""
+        threads while the caller computes on the current one.
+
+        ``params``: each block also carries θ_t of its steps (``block.params``), rebuilt from
+        θ_start (read once, replayed from the keyframe ≤ start) plus the decoded deltas and the
+        exact-replay fixes, so methods that need θ_t along the path read nothing twice.
+        ``optim``: each block also carries the recorded optimizer state (``block.optim``)."""
+        blocks = self._scan(start, stop, names, block_steps, device, prefetch, dense, raw, optim)
+        if not params:
+            yield from blocks
+            return
+        theta: dict[str, torch.Tensor] | None = None
+        for block in blocks:
+            if theta is None:
+                theta = self.params_at(block.start, list(block.deltas), block_device(block))
+            block.params = self._params_along(block, theta)
+            theta = {n: p[-1].clone() for n, p in block.params.items()}
+            yield block
+
+    def _params_along(
+        self, block: StepBlock, theta: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """[steps + 1, *shape] θ_t of one block, exactly as :meth:`replay` rebuilds them."""
+        out = {}
+        for n, th in theta.items():
+            p = torch.empty((block.num_steps + 1, *th.shape), dtype=th.dtype, device=th.device)
+            p[0] = th
+            out[n] = p
+        off, ften, fidx, fbits = self.fixes(block.start, block.stop)
+        for i in range(block.num_steps):
+            for n, p in out.items():
+                torch.add(p[i], block.deltas[n][i], out=p[i + 1])
+            lo, hi = int(off[i]), int(off[i + 1])
+            if hi > lo:
+                row = {n: p[i + 1] for n, p in out.items()}
+                _apply_fixes(row, self.tensor_names, ften[lo:hi], fidx[lo:hi], fbits[lo:hi])
+        return out
+
+    def _scan(
+        self,
+        start: int,
+        stop: int | None,
+        names: Sequence[str] | None,
+        block_steps: int | None,
+        device: str | torch.device | None,
+        prefetch: int,
+        dense: bool,
+        raw: bool,
+        optim: bool,
+    ) -> Iterator[StepBlock]:
         ranges = self.block_ranges(start, stop, block_steps)
         if prefetch < 1:
             for a, b in ranges:
-                yield self.read_block(a, b, names, device, dense, raw)
+                yield self.read_block(a, b, names, device, dense, raw, optim)
             return
         with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="historystore-scan") as ex:
             pending: list[Future[StepBlock]] = []
             it = iter(ranges)
             for a, b in it:
-                pending.append(ex.submit(self.read_block, a, b, names, device, dense, raw))
+                pending.append(ex.submit(self.read_block, a, b, names, device, dense, raw, optim))
                 if len(pending) > prefetch:
                     break
             while pending:
@@ -412,7 +489,7 @@ class HistoryStore:
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append(
-                        ex.submit(self.read_block, nxt[0], nxt[1], names, device, dense, raw)
+                        ex.submit(self.read_block, nxt[0], nxt[1], names, device, dense, raw, optim)
                     )
                 yield fut.result()
 
@@ -500,6 +577,13 @@ class HistoryStore:
             f"HistoryStore({self.path!r}, steps={self.num_steps}, "
             f"tensors={len(self.meta.tensors)}, keyframes={self.keyframe_steps.tolist()})"
         )
+
+
+def block_device(block: StepBlock) -> torch.device:
+    """The device a block's tensors are on (CPU for a block without tensors)."""
+    for d in block.deltas.values():
+        return d.device
+    return torch.device("cpu")
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:
