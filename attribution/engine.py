@@ -157,7 +157,14 @@ def _scan_range(
     state = method.begin(ctx, start, stop)
     raw = bool(method.raw_tensors(ctx))
     for block in st.scan(
-        start, stop, names, block_steps=block_steps, device=dev, prefetch=prefetch, raw=raw
+        start,
+        stop,
+        names,
+        block_steps=block_steps,
+        device=dev,
+        prefetch=prefetch,
+        raw=raw,
+        **_scan_options(method, ctx),
     ):
         method.update(state, block, ctx)
         if on_block is not None:
@@ -166,6 +173,41 @@ def _scan_range(
 
 
 WEIGHTS = ("store", "model")
+
+
+# -- path methods (TracIn, EPK): θ_t along the scan and the training data -------------------
+def _is_path_method(method: AttributionMethod) -> bool:
+    """Methods that walk θ_t along the path (they need keyframe-aligned ranges and data)."""
+    return bool(getattr(method, "needs_params", False))
+
+
+def _scan_options(method: AttributionMethod, ctx: ExplainContext) -> dict[str, bool]:
+    """Extra scan arguments a method asks for (``params=True``: θ_t per step; ``optim``)."""
+    opts = getattr(method, "scan_options", None)
+    return dict(opts(ctx)) if opts is not None else {}
+
+
+def _keyframe_ranges(store: HistoryStore) -> list[tuple[int, int]]:
+    """Step ranges between keyframes: a range that starts at a keyframe reads θ_start once and
+    rebuilds every θ_t from its deltas (no replay of earlier blocks)."""
+    t_total = store.num_steps
+    kf = [int(k) for k in store.keyframe_steps if 0 < k < t_total]
+    return list(itertools.pairwise(sorted({0, t_total, *kf}))) if t_total else [(0, 0)]
+
+
+def _bind_path_method(
+    engine: Engine, train_data: Any, loss_fn: Callable[..., torch.Tensor] | None
+) -> None:
+    """Hand a path method the store, model and training data (it validates them); refuse
+    training data for methods that do not use it."""
+    if _is_path_method(engine.method):
+        bind = engine.method.bind  # type: ignore[attr-defined]
+        bind(engine.store, engine.model, train_data, loss_fn, engine.index)
+    elif train_data is not None or loss_fn is not None:
+        raise ValueError(
+            f"method {engine.method.name!r} does not use train_data/loss_fn (path methods do: "
+            "'tracin', 'epk')"
+        )
 
 
 class Engine:
@@ -193,6 +235,8 @@ class Engine:
         prefetch: int = 2,
         progress: bool = True,
         weights: str = "store",
+        train_data: Any = None,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
         **method_options: Any,
     ) -> None:
         if weights not in WEIGHTS:
@@ -224,13 +268,16 @@ class Engine:
         self.prefetch = prefetch
         self.progress = progress
         self._auto_layers = layers is None
-        self.layers = resolve_layers(model, self.store, layers)
+        # path methods attribute the whole model's output: no layers to resolve
+        path = _is_path_method(self.method)
+        self.layers = [] if path else resolve_layers(model, self.store, layers)
         self._check_encodings()
         self.index = index_store(self.store)
         self._theta0 = self._initial_terms()
         self.stats: dict[str, float] = {}
         self.skipped: dict[str, str] = {}  # auto-selected layers that could not be explained
         self._out_shapes: dict[str, tuple[int, ...]] = {}
+        _bind_path_method(self, train_data, loss_fn)
 
     def _check_encodings(self) -> None:
         for spec in self.layers:
@@ -366,6 +413,8 @@ class Engine:
             device=self.device,
             batch_size=len(x),
         )
+        if _is_path_method(self.method):
+            ctx.extra["test_x"] = x.to(self.device)
         self.method.prepare(ctx)
         return ctx, y
 
@@ -374,6 +423,8 @@ class Engine:
         """Independent step ranges: between keyframes, split at block boundaries when there
         are fewer ranges than ``workers`` (the scan never replays θ, so blocks are independent
         too)."""
+        if _is_path_method(self.method):
+            return _keyframe_ranges(self.store)
         t_total = self.store.num_steps
         kf = [int(k) for k in self.store.keyframe_steps if 0 < k < t_total]
         bounds = sorted({0, t_total, *kf}) if t_total else [0]
@@ -693,6 +744,8 @@ def explain(
     prefetch: int = 2,
     method_options: dict[str, Any] | None = None,
     weights: str = "store",
+    train_data: Any = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
 ) -> AttributionResult:
     """Explain the model's predictions on ``test_x`` from the recorded training history.
 
@@ -712,9 +765,11 @@ def explain(
     (``num_workers`` at once; default: a few on a GPU, on CPU the cores torch's own pool
     leaves free, which on most machines means one prefetching scan), "sync" one sequential
     scan, or a ``dask.distributed.Client`` / scheduler address (workers must see the store's
-    path). scores_path: also write the full per-example scores [n_test, num_train] of each
-    layer to this zarr group (γ as ``<layer>``, the cosine as ``<layer>@cosine``), one test
-    batch at a time.
+    path). train_data/loss_fn: the training set by recorded id (a torch Dataset or a callable
+    ids -> (x, y)) and the training loss (default cross-entropy), for the path methods
+    ("tracin", "epk"). scores_path: also write the full per-example scores [n_test,
+    num_train] of each layer to this zarr group (γ as ``<layer>``, the cosine as
+    ``<layer>@cosine``), one test batch at a time.
     """
     options = dict(method_options or {})
     if isinstance(method, str):
@@ -733,6 +788,8 @@ def explain(
         prefetch=prefetch,
         progress=progress,
         weights=weights,
+        train_data=train_data,
+        loss_fn=loss_fn,
         **options,
     )
     return engine.explain(test_x, test_batch_size=test_batch_size, scores_path=scores_path)

@@ -1,0 +1,326 @@
+"""The exact path kernel (EPK), in the style of ExPLAIND, streamed from the recorded history.
+
+The recorded θ_0 → θ_1 → … → θ_T is a piecewise-linear path, so for a test point x and the
+explained output f (default: the final model's predicted logit)::
+
+    f(x; θ_T) = f(x; θ_0) + Σ_t ⟨ḡ_t, Δ_t⟩,    ḡ_t = ∫_0^1 ∇f(x; θ_t + s Δ_t) ds
+
+exactly (the fundamental theorem of calculus per segment). ḡ_t is computed by adaptive
+Simpson quadrature, refined locally: a step keeps 3 nodes when Simpson and the trapezoid rule
+agree, otherwise the panels whose halves disagree are bisected (down to width 2^-max_level)
+until the error estimate of ⟨ḡ_t, Δ_t⟩ is below ``rtol · max(|f_T|, |f_T − f_0|) / T`` for every
+test point of the batch (split among the panels). Kinks of ReLU/max-pooling are where the
+nodes go. The endpoint gradient of step t is reused at the start of step t+1, and the nodes
+spent per step are returned (``nodes`` [B, T]).
+
+The step's update is then written per training example from the optimizer's rule (torch's
+SGD and Adam/AdamW, read from the store)::
+
+    Δ_t = −lr_t [A_t ⊙ (c_g (g_t + wd_L2 θ_t) + c_m m_{t−1}) + wd_dec θ_t]
+    g_t = 1/|B_t| Σ_i ∇ℓ_i(θ_t)
+
+* SGD: A = 1, m = the momentum buffer, c_g = 1 − dampening (1 on the buffer's first step),
+  c_m = momentum (nesterov: c_g → 1 + μ c_g, c_m → μ²), wd_L2 = weight_decay.
+* Adam/AdamW: m = the first moment, A = 1/(√(v_t/bc2) + eps) with the *recorded* second
+  moment v_t (it holds the current gradient too, so it is taken as a fixed preconditioner:
+  only the first moment is split), c_g = (1 − β1)/bc1, c_m = β1/bc1; AdamW: wd_dec =
+  weight_decay, Adam: wd_L2 = weight_decay.
+
+so that ⟨ḡ_t, Δ_t⟩ = Σ_{i∈B_t} K_t(x, z_i) + weight-decay term + momentum term + residual:
+
+* ``examples``: K_t(x, z_i) = −lr_t c_g/|B_t| ⟨A_t ⊙ ḡ_t, ∇ℓ(z_i; θ_t)⟩, summed per example id
+  over the steps (top-k/bottom-k; full rows with ``keep_scores``);
+* ``weight_decay``: −lr_t (c_g wd_L2 ⟨A ⊙ ḡ, θ_t⟩ + wd_dec ⟨ḡ, θ_t⟩);
+* ``momentum``: −lr_t c_m ⟨A ⊙ ḡ, m_{t−1}⟩ — the earlier batches' gradients carried by the
+  momentum/first moment, kept as one running per-step term (the recorded buffer), which needs
+  no per-example momentum buffer (ExPLAIND keeps one of num_train × params);
+* ``residual``: what the rule does not reproduce of the recorded update (float rounding; a loss
+  that is not a mean of per-example losses, e.g. batch norm in training mode).
+
+``completeness_error`` = |f_0 + Σ examples + weight_decay + momentum − f_T| / max(|f_T|,
+|f_T − f_0|) per test point (quadrature and split errors together); ``quadrature_error`` is the
+same for f_0 + Σ_t ⟨ḡ_t, Δ_t⟩ alone. Per-example gradients are taken in eval mode with the
+final buffers (no batch-norm batch statistics), so models whose training loss mixes examples
+show that in ``residual``.
+
+Cost per test batch of B points: per step (nodes − 1) vmapped gradients over B test points plus
+one over the |B_t| examples; memory O(B × params + |B_t| × params + B × num_train).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from historystore.read.store import HistoryStore, StepBlock
+
+from ._path import (
+    OptimizerStateError,
+    PathMethod,
+    PathState,
+    assemble,
+    dots,
+    pair_scores,
+    preconditioner,
+    require_state,
+    store_at,
+    total,
+)
+from .base import ExplainContext, register_method
+
+_TERMS = ("path", "examples", "weight_decay", "momentum", "residual")
+
+
+@register_method
+class PathKernelMethod(PathMethod):
+    """The exact path kernel (see the module docstring). ``rtol``: quadrature tolerance
+    (default 1e-10 for float64 models, 1e-5 otherwise); ``max_level``: panels no narrower
+    than 2^-max_level of the step; ``min_level``: at least 2^min_level + 1 nodes."""
+
+    name = "epk"
+    exact = True
+    term_names = _TERMS
+
+    def __init__(
+        self,
+        top_k: int = 10,
+        keep_scores: bool = False,
+        target: str | int = "pred",
+        rtol: float | None = None,
+        min_level: int = 1,
+        max_level: int = 12,
+        train_batch_size: int = 256,
+        allow_lossy: bool = False,
+    ) -> None:
+        super().__init__(top_k, keep_scores, target, train_batch_size, allow_lossy)
+        if rtol is not None and not rtol > 0:
+            raise ValueError(f"rtol must be > 0, got {rtol}")
+        if not 1 <= min_level <= max_level:
+            raise ValueError(f"need 1 <= min_level <= max_level, got {min_level}, {max_level}")
+        self.rtol = rtol
+        self.min_level = int(min_level)
+        self.max_level = int(max_level)
+
+    def _bind(self, store: HistoryStore) -> None:
+        rule = self.rule
+        assert rule is not None
+        if rule.kind == "adam":
+            require_state(rule, ["exp_avg", "exp_avg_sq", "step"], "EPK (Adam)", store.path)
+        elif any(float(np.max(rule.hp[n]["momentum"], initial=0.0)) > 0 for n in rule.names):
+            require_state(rule, ["momentum_buffer"], "EPK (SGD with momentum)", store.path)
+
+    def needs_optim(self) -> bool:
+        return self.rule is not None and (
+            self.rule.kind == "adam" or any(self.rule.state_keys[n] for n in self.rule.names)
+        )
+
+    # -- quadrature --------------------------------------------------------------------------
+    def _integral(
+        self,
+        state: PathState,
+        ctx: ExplainContext,
+        t: int,
+        th0: dict[str, torch.Tensor],
+        th1: dict[str, torch.Tensor],
+        d: dict[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """ḡ_t by locally adaptive Simpson quadrature on [θ_t, θ_t+1], and the nodes spent.
+
+        Smooth, small steps stop at 3 nodes (Simpson against the trapezoid rule on the same
+        nodes); otherwise panels are bisected where their two halves disagree (kinks of ReLU
+        or max-pooling sit in one panel, so only that panel is refined), each half with half
+        the tolerance, down to panels of width 2^-max_level."""
+        assert state.fn is not None
+        fn, p = state.fn, ctx.extra["path"]
+        x, c = p["x"], p["target"]
+        carry = state.carry
+        g0 = carry["end"] if carry.get("t") == t else fn.test_grads(th0, x, c)
+        g1 = fn.test_grads(th1, x, c)
+        carry.update(t=t + 1, end=g1)
+
+        def at(s: float) -> dict[str, torch.Tensor]:
+            return fn.test_grads({n: th0[n] + s * d[n] for n in d}, x, c)
+
+        def along(g: dict[str, torch.Tensor]) -> torch.Tensor:
+            return total(dots(g, d))  # ⟨g, Δ_t⟩ per test point
+
+        gm = at(0.5)
+        e0, em, e1 = along(g0), along(gm), along(g1)
+        simpson = (e0 + 4 * em + e1) / 6
+        tol = self._tol(ctx, p)
+        eps = 64 * torch.finfo(fn.dtype).eps
+        noise = eps * (e0.abs() + 4 * em.abs() + e1.abs()) / 6
+        trapezoid = (e0 + 2 * em + e1) / 4
+        if self.min_level <= 1 and bool(
+            ((simpson - trapezoid).abs() <= torch.maximum(tol, noise)).all()
+        ):
+            return {n: (g0[n] + 4 * gm[n] + g1[n]) / 6 for n in d}, 3
+        gbar = {n: torch.zeros_like(v) for n, v in g0.items()}
+        nodes = 3
+        stack = [(0.0, 1.0, g0, gm, g1, e0, em, e1, simpson, tol, 1)]
+        while stack:
+            a, b, gl, gmid, gr, el, emid, er, whole, tol_p, level = stack.pop()
+            w = b - a
+            gq1, gq3 = at(a + w / 4), at(a + 3 * w / 4)
+            nodes += 2
+            eq1, eq3 = along(gq1), along(gq3)
+            left = w / 12 * (el + 4 * eq1 + emid)
+            right = w / 12 * (emid + 4 * eq3 + er)
+            err = (left + right - whole).abs() / 15
+            noise = eps * w / 12 * (el.abs() + 4 * eq1.abs() + 2 * emid.abs() + 4 * eq3.abs())
+            done = level + 1 >= self.max_level or (
+                level + 1 >= self.min_level and bool((err <= torch.maximum(tol_p, noise)).all())
+            )
+            if done:
+                for n in gbar:
+                    gbar[n] += (gl[n] + 4 * gq1[n] + 2 * gmid[n] + 4 * gq3[n] + gr[n]) * (w / 12)
+            else:
+                m = a + w / 2
+                stack.append((a, m, gl, gq1, gmid, el, eq1, emid, left, tol_p / 2, level + 1))
+                stack.append((m, b, gmid, gq3, gr, emid, eq3, er, right, tol_p / 2, level + 1))
+        return gbar, nodes
+
+    def _tol(self, ctx: ExplainContext, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        rtol = self.rtol
+        if rtol is None:
+            rtol = 1e-10 if self._f64() else 1e-5
+        scale = torch.maximum(p["f_final"].abs(), (p["f_final"] - p["f_init"]).abs())
+        return rtol * scale.clamp_min(1e-30) / max(1, ctx.index.num_steps)
+
+    def _f64(self) -> bool:
+        return next(iter(self.theta0.values())).dtype == torch.float64
+
+    # -- the optimizer's split ---------------------------------------------------------------
+    def _prev_state(
+        self, state: PathState, block: StepBlock, i: int, key: str, ctx: ExplainContext
+    ) -> dict[str, torch.Tensor | None]:
+        """m_{t−1} per tensor (momentum buffer / first moment after step t−1; None before
+        the first step)."""
+        t = block.start + i
+        if t == 0:
+            return {n: None for n in self.names}
+        if i > 0:
+            assert block.optim is not None
+            return {n: block.optim[n][key][i - 1] if n in block.optim else None for n in self.names}
+        prev = state.carry.get("prev")
+        if prev is not None and prev[0] == t - 1:
+            return prev[1]
+        st = store_at(self.store_path).optimizer_state(t - 1)
+        return {n: st[n][key].to(ctx.device) if n in st else None for n in self.names}
+
+    def _coefficients(
+        self,
+        state: PathState,
+        block: StepBlock,
+        i: int,
+        ctx: ExplainContext,
+        gbar: dict[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, Any]]:
+        """(A ⊙ ḡ, −lr c_g per tensor, other terms' pieces) for step block.start+i."""
+        rule = self.rule
+        assert rule is not None
+        t = block.start + i
+        key = "exp_avg" if rule.kind == "adam" else "momentum_buffer"
+        need_prev = rule.kind == "adam" or any(rule.momentum_of(n, t) > 0 for n in self.names)
+        prev = self._prev_state(state, block, i, key, ctx) if need_prev else {}
+        if block.optim is not None and block.optim:
+            state.carry["prev"] = (
+                t,
+                {n: block.optim[n][key][i] if n in block.optim else None for n in self.names},
+            )
+        ga: dict[str, torch.Tensor] = {}
+        cg: dict[str, float] = {}
+        parts: dict[str, Any] = {}
+        for n in self.names:
+            hp = rule.hp[n]
+            lr, wd = float(block.lr[n][i]), float(hp["weight_decay"][t])
+            m_prev = prev.get(n)
+            if rule.kind == "adam":
+                assert block.optim is not None
+                st = block.optim[n]
+                a, bc1 = preconditioner(rule, n, t, st["exp_avg_sq"][i], st["step"][i])
+                b1 = float(hp["beta1"][t])
+                c_g, c_m = (1 - b1) / bc1, b1 / bc1
+                wd_l2, wd_dec = (0.0, wd) if rule.decoupled[n] else (wd, 0.0)
+                ga[n] = gbar[n] * a
+            else:
+                mu, damp = float(hp["momentum"][t]), float(hp["dampening"][t])
+                first = m_prev is None or not bool(m_prev.any())
+                c_g = 1.0 if (mu == 0 or first) else 1.0 - damp
+                c_m = mu
+                if rule.nesterov[n] and mu > 0:
+                    c_g, c_m = 1.0 + mu * c_g, mu * mu
+                wd_l2, wd_dec = wd, 0.0
+                ga[n] = gbar[n]
+            cg[n] = -lr * c_g
+            parts[n] = (lr, c_g, c_m, wd_l2, wd_dec, m_prev)
+        return ga, cg, parts
+
+    # -- the stream --------------------------------------------------------------------------
+    def update(self, state: PathState, block: StepBlock, ctx: ExplainContext) -> None:
+        assert block.params is not None and state.fn is not None
+        if self.rule is not None and self.rule.kind == "adam" and block.optim is None:
+            raise OptimizerStateError("EPK (Adam): the scan did not provide optimizer state")
+        fn, dev = state.fn, ctx.device
+        b, s_len = ctx.batch_size, block.num_steps
+        steps = torch.zeros(b, s_len, dtype=torch.float64, device=dev)
+        nodes = np.zeros(s_len, dtype=np.int32)
+        for i in range(s_len):
+            t = block.start + i
+            th0 = {n: block.params[n][i] for n in self.names}
+            th1 = {n: block.params[n][i + 1] for n in self.names}
+            d = {n: th1[n] - th0[n] for n in self.names}
+            gbar, nodes[i] = self._integral(state, ctx, t, th0, th1, d)
+            per = dots(gbar, d)
+            path = total(per)
+            for k, n in enumerate(self.names):
+                state.params[:, k] += per[n]
+            steps[:, i] = path
+            ga, cg, parts = self._coefficients(state, block, i, ctx, gbar)
+            ids, x, y = self._batch(block, i, dev, fn.dtype)
+            ex = torch.zeros_like(path)
+            if len(ids):
+                j = fn.train_grads(th0, x, y, self.loss_fn)
+                e, _ = pair_scores(ga, j, {n: cg[n] / len(ids) for n in self.names})
+                state.examples.index_add_(1, torch.from_numpy(ids).to(dev), e)
+                ex = e.sum(1)
+            wd = torch.zeros_like(path)
+            mom = torch.zeros_like(path)
+            for n in self.names:
+                lr, c_g, c_m, wd_l2, wd_dec, m_prev = parts[n]
+                if wd_l2:
+                    wd -= lr * c_g * wd_l2 * dots({n: ga[n]}, {n: th0[n]})[n]
+                if wd_dec:
+                    wd -= lr * wd_dec * dots({n: gbar[n]}, {n: th0[n]})[n]
+                if c_m and m_prev is not None:
+                    mom -= lr * c_m * dots({n: ga[n]}, {n: m_prev})[n]
+            for k, v in (("path", path), ("examples", ex), ("weight_decay", wd), ("momentum", mom)):
+                state.terms[k] += v
+            state.terms["residual"] += path - ex - wd - mom
+        state.steps.append((block.start, steps))
+        state.nodes.append((block.start, nodes))
+
+    def finalize(self, state: PathState, ctx: ExplainContext) -> dict[str, dict[str, np.ndarray]]:
+        out = self._finalize_common(state, ctx)
+        f0, ft = out["f_init"], out["f_final"]
+        terms = {k: v.cpu().numpy() for k, v in state.terms.items()}
+        scale = np.maximum(np.abs(ft), np.abs(ft - f0))
+        recon = f0 + terms["examples"] + terms["weight_decay"] + terms["momentum"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["completeness_error"] = np.abs(recon - ft) / scale
+            out["quadrature_error"] = np.abs(f0 + terms["path"] - ft) / scale
+        out.update({f"{k}_total" if k == "path" else k: v for k, v in terms.items()})
+        nodes = assemble(state.nodes, 0, ctx.index.num_steps, np.int32)
+        out["nodes"] = np.broadcast_to(nodes, (ctx.batch_size, len(nodes))).copy()
+        return {"model": out}
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            **super().attrs(),
+            "rtol": self.rtol,
+            "min_level": self.min_level,
+            "max_level": self.max_level,
+            "quadrature": "locally adaptive Simpson, endpoint reuse",
+        }
