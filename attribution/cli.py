@@ -110,7 +110,21 @@ def demo_cmd(
 @click.option(
     "--layers", default=None, help="Comma-separated module names (default: all supported layers)."
 )
-@click.option("--method", default="preactivation", show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(["gamma", "preactivation", "tracin", "epk"]),
+    default="gamma",
+    show_default=True,
+    help="gamma (= preactivation): Pfahler & Morik's decomposition; tracin: TracIn on the "
+    "recorded batches; epk: the exact path kernel. tracin and epk need --data.",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A method option (repeatable; VALUE as JSON, else a string), e.g. variant=checkpoints.",
+)
 @click.option("--top-k", default=10, show_default=True, type=click.IntRange(1))
 @click.option(
     "--limit", default=None, type=click.IntRange(1), help="Explain only the first N test points."
@@ -135,6 +149,7 @@ def explain_cmd(
     data_spec: str | None,
     layers: str | None,
     method: str,
+    options: tuple[str, ...],
     top_k: int,
     limit: int | None,
     test_batch_size: int,
@@ -166,6 +181,13 @@ def explain_cmd(
             x, y = x[:limit], None if y is None else y[:limit]
         layer_list = [s.strip() for s in layers.split(",")] if layers else None
         sched = None if scheduler == "threads" else scheduler
+        method = "preactivation" if method == "gamma" else method
+        train = None
+        if method in ("tracin", "epk"):
+            if not data_spec:
+                raise click.UsageError(f"--method {method} needs --data (the training set)")
+            tx, ty = call_factory(load_factory(data_spec), run_config)
+            train = torch.utils.data.TensorDataset(torch.as_tensor(tx), torch.as_tensor(ty))
         result = explain(
             st,
             model,
@@ -177,6 +199,8 @@ def explain_cmd(
             device=None if device == "auto" else device,
             scheduler=sched,
             progress=progress,
+            method_options=_parse_options(options),
+            train_data=train,
         )
     except (HistoryStoreError, ValueError, KeyError, TypeError) as e:
         raise click.ClickException(str(e)) from e
@@ -194,6 +218,29 @@ def explain_cmd(
             train_x, train_y = torch.as_tensor(train_x), torch.as_tensor(train_y)
         outputs = result.arrays["outputs"]
         n_classes = int(outputs.shape[1]) if outputs.ndim == 2 else 1
+        summary = {
+            "store": store,
+            "steps": st.num_steps,
+            "method": result.method,
+            "test points": len(x),
+        }
+        if "model" in result.layers and "completeness_error" in result["model"]:
+            summary["max completeness error"] = float(result["model"]["completeness_error"].max())
+        if result.method in ("tracin", "epk"):
+            from .report import path_report_data
+
+            data = path_report_data(
+                result,
+                title=f"historystore: explaining {Path(store).name} ({result.method})",
+                summary=summary,
+                test_x=x,
+                test_y=y,
+                train_x=None if train_x is None else train_x.numpy(),
+                train_y=train_y,
+                num_classes=n_classes,
+            )
+            click.echo(f"report: {render(data, out_dir / 'report.html')}")
+            return
         data = report_data(
             result,
             title=f"historystore: explaining {Path(store).name}",
@@ -212,3 +259,18 @@ def explain_cmd(
             num_classes=n_classes,
         )
         click.echo(f"report: {render(data, out_dir / 'report.html')}")
+
+
+def _parse_options(items: tuple[str, ...]) -> dict[str, object]:
+    import json
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--option")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

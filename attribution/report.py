@@ -34,6 +34,9 @@ class PointExplanation:
     ridge: dict[str, np.ndarray]  # layer -> [C, G] KDE of γ̄ per class
     ridge_weight: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> [C] mass
     highlight_ids: Sequence[int] = ()  # e.g. planted duplicates of this point, outlined
+    step_scores: np.ndarray | None = None  # [T] per-step influence (path methods)
+    completeness_error: float | None = None  # EPK: |f_0 + Σ terms − f_T| / scale
+    terms: dict[str, float] = field(default_factory=dict)  # EPK: f_0, examples, momentum, ...
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ReportData:
     train_images: np.ndarray | None = None  # [N, H, W] / [N, C, H, W] to show top-k examples
     train_labels: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+    legend: str | None = None  # HTML legend replacing the preactivation method's
 
 
 def _png(fig: Any) -> str:
@@ -152,6 +156,99 @@ def ridge_figure(data: ReportData, p: PointExplanation) -> str:
     return _png(fig)
 
 
+def steps_figure(p: PointExplanation) -> str:
+    """Per-step influence on the explained output and its running sum (path methods)."""
+    import matplotlib.pyplot as plt
+
+    assert p.step_scores is not None
+    s = np.asarray(p.step_scores, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(7.5, 2.2))
+    t = np.arange(len(s))
+    ax.bar(t, s, width=1.0, color=np.where(s >= 0, "tab:blue", "tab:red"), lw=0)
+    ax.set_xlabel("training step", fontsize=8)
+    ax.set_ylabel("influence of the step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax2 = ax.twinx()
+    ax2.plot(t, np.cumsum(s), color="black", lw=1)
+    ax2.set_ylabel("running sum", fontsize=8)
+    ax2.tick_params(labelsize=7)
+    title = f"test #{p.index}: per-step influence"
+    if p.completeness_error is not None:
+        title += f" (completeness error {p.completeness_error:.1e})"
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def path_report_data(
+    result: Any,
+    *,
+    title: str,
+    summary: dict[str, Any],
+    test_x: Any,
+    test_y: Any | None,
+    train_x: Any | None,
+    train_y: Any | None,
+    num_classes: int,
+) -> ReportData:
+    """ReportData of a path method's result (TracIn, EPK): top-k training examples, the
+    per-step influence and, for EPK, the completeness check of every test point."""
+    d = result["model"]
+    outputs = np.asarray(result.arrays["outputs"])
+    logits = outputs.reshape(len(outputs), -1)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    points = []
+    for i in range(result.num_points):
+        keep = d["topk_ids"][i] >= 0
+        terms = {}
+        if "completeness_error" in d:
+            terms = {
+                k: float(d[k][i])
+                for k in ("f_init", "examples", "weight_decay", "momentum", "residual", "f_final")
+            }
+            terms["nodes per step"] = float(d["nodes"][i].mean())
+        x = np.asarray(test_x[i])
+        points.append(
+            PointExplanation(
+                index=i,
+                image=x if x.ndim in (2, 3) else None,
+                label=None if test_y is None else int(test_y[i]),
+                prediction=int(logits[i].argmax()),
+                probabilities=probs[i],
+                topk_ids={"model": d["topk_ids"][i][keep]},
+                topk_scores={"model": d["topk_scores"][i][keep]},
+                ridge={},
+                step_scores=d["step_scores"][i],
+                completeness_error=float(d["completeness_error"][i])
+                if "completeness_error" in d
+                else None,
+                terms=terms,
+            )
+        )
+    legend = {
+        "tracin": "Top-k: training examples ranked by TracIn, Σ over the steps whose batch held "
+        "them of lr<sub>t</sub>/|B<sub>t</sub>| ⟨∇f(x; θ<sub>t</sub>), P<sub>t</sub> ∇ℓ(z; "
+        "θ<sub>t</sub>)⟩ (f: the explained logit). Below: each step's summed score.",
+        "epk": "Top-k: training examples ranked by their exact path-kernel terms, Σ over the "
+        "steps whose batch held them of ⟨ḡ<sub>t</sub>, their share of Δ<sub>t</sub>⟩ "
+        "(ḡ<sub>t</sub>: the gradient of the explained logit integrated along the step). "
+        "Below: each step's contribution ⟨ḡ<sub>t</sub>, Δ<sub>t</sub>⟩ and their running sum, "
+        "which ends at f(θ<sub>T</sub>) − f(θ<sub>0</sub>). f(θ<sub>0</sub>) + examples + "
+        "weight decay + momentum = f(θ<sub>T</sub>) up to the completeness error shown.",
+    }.get(result.method)
+    return ReportData(
+        title=title,
+        summary=summary,
+        layers=["model"],
+        classes=[str(c) for c in range(num_classes)],
+        grid=np.zeros(0),
+        points=points,
+        train_images=None if train_x is None or np.ndim(train_x) not in (3, 4) else train_x,
+        train_labels=None if train_y is None else np.asarray(train_y),
+        legend=legend,
+    )
+
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1180px;
 color:#222;line-height:1.4}
@@ -181,7 +278,9 @@ def render(data: ReportData, path: str | Path) -> Path:
         f"<h1>{html.escape(data.title)}</h1>",
         f"<table class='summary'>{rows}</table>",
         *[f"<p class='note'>{html.escape(n)}</p>" for n in data.notes],
-        "<p class='legend'>Top-k: training examples ranked by Σ γ<sub>t</sub>/|B<sub>t</sub>| "
+        f"<p class='legend'>{data.legend}</p>"
+        if data.legend is not None
+        else "<p class='legend'>Top-k: training examples ranked by Σ γ<sub>t</sub>/|B<sub>t</sub>| "
         "over the steps whose batch contained them (γ<sub>t</sub> = ⟨W a, Δ<sub>t</sub> a⟩), "
         "per layer; the score is shown under each image"
         + (
@@ -201,7 +300,15 @@ def render(data: ReportData, path: str | Path) -> Path:
             + "</h2>"
         )
         parts.append(f"<img alt='top-k' src='data:image/png;base64,{point_figure(data, p)}'>")
-        parts.append(f"<img alt='ridges' src='data:image/png;base64,{ridge_figure(data, p)}'>")
+        if p.ridge:
+            parts.append(f"<img alt='ridges' src='data:image/png;base64,{ridge_figure(data, p)}'>")
+        if p.step_scores is not None:
+            parts.append(f"<img alt='steps' src='data:image/png;base64,{steps_figure(p)}'>")
+        if p.terms:
+            cells = "".join(
+                f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>" for k, v in p.terms.items()
+            )
+            parts.append(f"<table class='summary'>{cells}</table>")
         parts.append("</div>")
     parts.append("</body></html>")
     path.write_text("\n".join(parts), encoding="utf-8")

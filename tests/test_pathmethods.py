@@ -332,3 +332,48 @@ def test_lossy_tensor_refused_where_exactness_is_required(digits: Digits, tmp_pa
     )
     assert res.attrs["lossy_tensors"] == ["fc1.weight"]
     assert np.isfinite(res["model"]["completeness_error"]).all()
+
+
+# -- command line and report ----------------------------------------------------------------------
+def cli_model() -> nn.Module:
+    return SmoothMLP().to(torch.float64)
+
+
+def cli_test() -> tuple[torch.Tensor, torch.Tensor]:
+    from attribution.demo.data import load_digits
+
+    d = load_digits()
+    return d.x_test[:2].to(torch.float64), d.y_test[:2]
+
+
+def cli_data() -> tuple[torch.Tensor, torch.Tensor]:
+    from attribution.demo.data import load_digits
+
+    d = load_digits()
+    return d.x_train[:300].to(torch.float64), d.y_train[:300]
+
+
+def test_cli_explain_epk_writes_report(run64: PathRun, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from attribution.cli import main
+    from attribution.results import AttributionResult
+
+    mod = "tests.test_pathmethods"
+    args = ["explain", str(run64.path), "--model", f"{mod}:cli_model", "--test", f"{mod}:cli_test"]
+    out = tmp_path / "out"
+    no_data = CliRunner().invoke(main, [*args, "--method", "epk", "--out", str(out)])
+    assert no_data.exit_code != 0 and "needs --data" in no_data.output
+    opts = ["--option", "rtol=1e-8", "--top-k", "4", "--no-progress"]
+    res = CliRunner().invoke(
+        main, [*args, "--method", "epk", "--data", f"{mod}:cli_data", "--out", str(out), *opts]
+    )
+    assert res.exit_code == 0, res.output
+    result = AttributionResult.load(out / "scores.npz")
+    assert result.method == "epk" and result.attrs["rtol"] == 1e-8
+    assert result["model"]["completeness_error"].max() <= 1e-5
+    page = (out / "report.html").read_text()
+    assert "completeness error" in page and page.count("alt='steps'") == 2
+    gamma = CliRunner().invoke(main, [*args, "--method", "gamma", "--out", str(tmp_path / "g")])
+    assert gamma.exit_code == 0, gamma.output
+    assert AttributionResult.load(tmp_path / "g" / "scores.npz").method == "preactivation"
