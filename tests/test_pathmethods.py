@@ -267,8 +267,12 @@ def test_epk_schedulers_agree(run64: PathRun, digits: Digits, tmp_path: Path) ->
     assert runs[1][0]["attrs"]["scheduler"] == "distributed"
     for other, rows in runs:
         np.testing.assert_allclose(rows, sync_rows, rtol=1e-9, atol=1e-15)
-        for k in ("step_scores", "completeness_error", "momentum", "nodes", "topk_ids"):
+        for k in ("step_scores", "momentum", "nodes", "topk_ids"):
             np.testing.assert_allclose(other[k], sync[k], rtol=1e-9, atol=1e-15)
+        # a roundoff-level number: equal up to roundoff
+        np.testing.assert_allclose(
+            other["completeness_error"], sync["completeness_error"], atol=1e-10
+        )
 
 
 def test_tracin_scores_path_streams_rows(run64: PathRun, digits: Digits, tmp_path: Path) -> None:

@@ -73,11 +73,18 @@ from .base import ExplainContext, register_method
 _TERMS = ("path", "examples", "weight_decay", "momentum", "residual")
 
 
+def _along(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """⟨g[k, b], d⟩ for stacked node gradients [K, B, *shape] -> [K, B] float64."""
+    return g.reshape(g.shape[0], g.shape[1], -1).double() @ d.reshape(-1).double()
+
+
 @register_method
 class PathKernelMethod(PathMethod):
     """The exact path kernel (see the module docstring). ``rtol``: quadrature tolerance
     (default 1e-10 for float64 models, 1e-5 otherwise); ``max_level``: panels no narrower
-    than 2^-max_level of the step; ``min_level``: at least 2^min_level + 1 nodes."""
+    than 2^-max_level of the step; ``min_level``: at least 2^min_level + 1 nodes;
+    ``node_batch``: quadrature nodes evaluated in one batched call (memory node_batch × B ×
+    params)."""
 
     name = "epk"
     exact = True
@@ -93,8 +100,12 @@ class PathKernelMethod(PathMethod):
         max_level: int = 12,
         train_batch_size: int = 256,
         allow_lossy: bool = False,
+        node_batch: int = 16,
     ) -> None:
         super().__init__(top_k, keep_scores, target, train_batch_size, allow_lossy)
+        if node_batch < 1:
+            raise ValueError(f"node_batch must be >= 1, got {node_batch}")
+        self.node_batch = int(node_batch)
         if rtol is not None and not rtol > 0:
             raise ValueError(f"rtol must be > 0, got {rtol}")
         if not 1 <= min_level <= max_level:
@@ -131,55 +142,72 @@ class PathKernelMethod(PathMethod):
         Smooth, small steps stop at 3 nodes (Simpson against the trapezoid rule on the same
         nodes); otherwise panels are bisected where their two halves disagree (kinks of ReLU
         or max-pooling sit in one panel, so only that panel is refined), each half with half
-        the tolerance, down to panels of width 2^-max_level."""
+        the tolerance, down to panels of width 2^-max_level. The panels of one level are
+        refined together: all their new nodes are one batched gradient call."""
         assert state.fn is not None
         fn, p = state.fn, ctx.extra["path"]
         x, c = p["x"], p["target"]
         carry = state.carry
-        g0 = carry["end"] if carry.get("t") == t else fn.test_grads(th0, x, c)
-        g1 = fn.test_grads(th1, x, c)
+        dev = th0[next(iter(th0))].device
+
+        def at(s: list[float]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+            """Gradients at the nodes s (chunks of ``node_batch``) and ⟨g, Δ_t⟩ [K, B]."""
+            gs: list[dict[str, torch.Tensor]] = []
+            es = []
+            for i in range(0, len(s), self.node_batch):
+                nodes = torch.tensor(s[i : i + self.node_batch], device=dev)
+                g = fn.test_grads_along(th0, d, nodes, x, c)
+                es.append(total({n: _along(g[n], d[n]) for n in g}))
+                gs += [{n: v[k] for n, v in g.items()} for k in range(len(nodes))]
+            return gs, torch.cat(es)
+
+        if carry.get("t") == t:
+            (gm, g1), e = at([0.5, 1.0])
+            g0 = carry["end"]
+            e0 = total(dots(g0, d))  # along this step's Δ
+            em, e1 = e[0], e[1]
+        else:
+            (g0, gm, g1), e = at([0.0, 0.5, 1.0])
+            e0, em, e1 = e[0], e[1], e[2]
         carry.update(t=t + 1, end=g1)
-
-        def at(s: float) -> dict[str, torch.Tensor]:
-            return fn.test_grads({n: th0[n] + s * d[n] for n in d}, x, c)
-
-        def along(g: dict[str, torch.Tensor]) -> torch.Tensor:
-            return total(dots(g, d))  # ⟨g, Δ_t⟩ per test point
-
-        gm = at(0.5)
-        e0, em, e1 = along(g0), along(gm), along(g1)
         simpson = (e0 + 4 * em + e1) / 6
+        trapezoid = (e0 + 2 * em + e1) / 4
         tol = self._tol(ctx, p)
         eps = 64 * torch.finfo(fn.dtype).eps
         noise = eps * (e0.abs() + 4 * em.abs() + e1.abs()) / 6
-        trapezoid = (e0 + 2 * em + e1) / 4
         if self.min_level <= 1 and bool(
             ((simpson - trapezoid).abs() <= torch.maximum(tol, noise)).all()
         ):
             return {n: (g0[n] + 4 * gm[n] + g1[n]) / 6 for n in d}, 3
         gbar = {n: torch.zeros_like(v) for n, v in g0.items()}
         nodes = 3
-        stack = [(0.0, 1.0, g0, gm, g1, e0, em, e1, simpson, tol, 1)]
-        while stack:
-            a, b, gl, gmid, gr, el, emid, er, whole, tol_p, level = stack.pop()
-            w = b - a
-            gq1, gq3 = at(a + w / 4), at(a + 3 * w / 4)
-            nodes += 2
-            eq1, eq3 = along(gq1), along(gq3)
-            left = w / 12 * (el + 4 * eq1 + emid)
-            right = w / 12 * (emid + 4 * eq3 + er)
-            err = (left + right - whole).abs() / 15
-            noise = eps * w / 12 * (el.abs() + 4 * eq1.abs() + 2 * emid.abs() + 4 * eq3.abs())
-            done = level + 1 >= self.max_level or (
-                level + 1 >= self.min_level and bool((err <= torch.maximum(tol_p, noise)).all())
-            )
-            if done:
-                for n in gbar:
-                    gbar[n] += (gl[n] + 4 * gq1[n] + 2 * gmid[n] + 4 * gq3[n] + gr[n]) * (w / 12)
-            else:
-                m = a + w / 2
-                stack.append((a, m, gl, gq1, gmid, el, eq1, emid, left, tol_p / 2, level + 1))
-                stack.append((m, b, gmid, gq3, gr, emid, eq3, er, right, tol_p / 2, level + 1))
+        panels = [(0.0, 1.0, g0, gm, g1, e0, em, e1, simpson, tol)]
+        level = 1
+        while panels:
+            level += 1
+            s = [a + w * f for a, b, *_ in panels for w in (b - a,) for f in (0.25, 0.75)]
+            gs, es = at(s)
+            nodes += len(s)
+            refined = []
+            for j, (a, b, gl, gmid, gr, el, emid, er, whole, tol_p) in enumerate(panels):
+                gq1, gq3, eq1, eq3 = gs[2 * j], gs[2 * j + 1], es[2 * j], es[2 * j + 1]
+                w = b - a
+                left = w / 12 * (el + 4 * eq1 + emid)
+                right = w / 12 * (emid + 4 * eq3 + er)
+                err = (left + right - whole).abs() / 15
+                noise = eps * w / 12 * (el.abs() + 4 * eq1.abs() + 2 * emid.abs() + 4 * eq3.abs())
+                if level >= self.max_level or (
+                    level >= self.min_level and bool((err <= torch.maximum(tol_p, noise)).all())
+                ):
+                    for n in gbar:
+                        gbar[n] += (gl[n] + 4 * gq1[n] + 2 * gmid[n] + 4 * gq3[n] + gr[n]) * (
+                            w / 12
+                        )
+                else:
+                    m = a + w / 2
+                    refined.append((a, m, gl, gq1, gmid, el, eq1, emid, left, tol_p / 2))
+                    refined.append((m, b, gmid, gq3, gr, emid, eq3, er, right, tol_p / 2))
+            panels = refined
         return gbar, nodes
 
     def _tol(self, ctx: ExplainContext, p: dict[str, torch.Tensor]) -> torch.Tensor:
