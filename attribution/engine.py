@@ -270,6 +270,11 @@ class Engine:
         self._auto_layers = layers is None
         # path methods attribute the whole model's output: no layers to resolve
         path = _is_path_method(self.method)
+        if path and layers is not None:
+            raise ValueError(
+                f"method {self.method.name!r} explains the model's output through all recorded "
+                "tensors; it takes no layers (see the result's param_scores per tensor)"
+            )
         self.layers = [] if path else resolve_layers(model, self.store, layers)
         self._check_encodings()
         self.index = index_store(self.store)

@@ -10,7 +10,8 @@ P_t = I for SGD (with or without momentum) and Adam's diagonal preconditioner
 P_t = I always). "batches" needs only each step's own batch: per step one vmapped gradient
 over the B test points and one over the |B_t| examples. "checkpoints" is the usual TracIn-CP
 for comparison: every K-th step against every training example id below the store's largest
-(chunked by ``train_batch_size``), whether or not the run used it.
+(chunked by ``train_batch_size``), whether or not the run used it. ``every=K`` also thins the
+"batches" variant to the steps t ≡ 0 (mod K).
 
 Outputs (pseudo-layer ``"model"``): top-k/bottom-k examples, ``step_scores`` [B, T] (Σ over
 the step's examples), ``param_scores`` [B, tensors] (each recorded tensor's share of Σ scores).
@@ -79,7 +80,7 @@ class TracInMethod(PathMethod):
         steps = torch.zeros(ctx.batch_size, block.num_steps, dtype=torch.float64, device=dev)
         for i in range(block.num_steps):
             t = block.start + i
-            if self.variant == "checkpoints" and t % self.every:
+            if t % self.every:
                 continue
             theta = {n: block.params[n][i] for n in self.names}
             g = fn.test_grads(theta, p["x"], p["target"])
