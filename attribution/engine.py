@@ -201,6 +201,11 @@ def _bind_path_method(
     """Hand a path method the store, model and training data (it validates them); refuse
     training data for methods that do not use it."""
     if _is_path_method(engine.method):
+        if engine.weights != "store":
+            raise ValueError(
+                f"method {engine.method.name!r} walks the recorded path θ_0 -> θ_T, so the "
+                "explained output is the store's final model: use weights='store'"
+            )
         bind = engine.method.bind  # type: ignore[attr-defined]
         bind(engine.store, engine.model, train_data, loss_fn, engine.index)
     elif train_data is not None or loss_fn is not None:

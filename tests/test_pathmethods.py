@@ -307,6 +307,10 @@ def test_bad_train_data(run64: PathRun, digits: Digits) -> None:
         explain(run64.path, run64.model(), x, method="tracin", train_data=shuffled, progress=False)
     with pytest.raises(ValueError, match="does not use train_data"):
         explain(run64.path, run64.model(), x, train_data=run64.data(), progress=False)
+    with pytest.raises(ValueError, match="weights='store'"):
+        explain(
+            run64.path, run64.model(), x, method="tracin", train_data=run64.data(), weights="model"
+        )
     with pytest.raises(ValueError, match="takes no layers"):
         explain(run64.path, run64.model(), x, ["fc1"], "epk", train_data=run64.data())
 
