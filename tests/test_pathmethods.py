@@ -387,3 +387,22 @@ def test_cli_explain_epk_writes_report(run64: PathRun, tmp_path: Path) -> None:
     gamma = CliRunner().invoke(main, [*args, "--method", "gamma", "--out", str(tmp_path / "g")])
     assert gamma.exit_code == 0, gamma.output
     assert AttributionResult.load(tmp_path / "g" / "scores.npz").method == "preactivation"
+
+
+def test_epk_reports_what_per_example_gradients_miss(digits: Digits, tmp_path: Path) -> None:
+    """Batch norm in training mode mixes the batch: the split cannot reproduce Δ_t; the
+    difference is reported (residual, completeness error) and warned about, not hidden."""
+
+    def bn() -> nn.Module:
+        return DigitsCNN(channels=4, hidden=16, batch_norm=True)
+
+    run = _record(tmp_path / "r.zarr", bn, "sgd", digits, torch.float32, steps=4, batch=8)
+    with pytest.warns(UserWarning, match="residual"):
+        d, _ = _explain(run, digits.x_test[:2], "epk", tmp_path, rtol=1e-3)
+    assert d["quadrature_error"].max() <= 1e-2  # the path itself still adds up
+    assert np.abs(d["residual"]).max() > 1e-3 * np.abs(d["path_total"]).max()
+    np.testing.assert_allclose(
+        d["f_init"] + d["examples"] + d["weight_decay"] + d["momentum"] + d["residual"],
+        d["f_init"] + d["path_total"],
+        rtol=1e-9,
+    )

@@ -287,19 +287,15 @@ class PathState:
 def topk(
     scores: torch.Tensor, seen: torch.Tensor, k: int, largest: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top (bottom) k ids per row among the ids that occur in the run (-1/NaN padded)."""
-    b = scores.shape[0]
-    ids = np.full((b, k), -1, dtype=np.int64)
-    vals = np.full((b, k), np.nan, dtype=np.float64)
-    kk = min(k, int(seen.sum()))
-    if kk == 0:
-        return ids, vals
+    """Top (bottom) k ids per row among the ids that occur in the run; like the preactivation
+    method, a k larger than their number is clamped (no placeholder ids)."""
+    k = min(k, int(seen.sum()))
+    if k == 0:
+        return np.zeros((scores.shape[0], 0), np.int64), np.zeros((scores.shape[0], 0))
     fill = -math.inf if largest else math.inf
     masked = torch.where(seen[None, :], scores, torch.full_like(scores, fill))
-    v, i = torch.topk(masked, kk, dim=1, largest=largest)
-    ids[:, :kk] = i.cpu().numpy()
-    vals[:, :kk] = v.cpu().numpy()
-    return ids, vals
+    v, i = torch.topk(masked, k, dim=1, largest=largest)
+    return i.cpu().numpy().astype(np.int64), v.cpu().numpy().astype(np.float64)
 
 
 def assemble(segments: list[tuple[int, Any]], b: int, t_total: int, dtype: Any) -> np.ndarray:

@@ -49,6 +49,7 @@ one over the |B_t| examples; memory O(B × params + |B_t| × params + B × num_t
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -340,6 +341,16 @@ class PathKernelMethod(PathMethod):
             out["completeness_error"] = np.abs(recon - ft) / scale
             out["quadrature_error"] = np.abs(f0 + terms["path"] - ft) / scale
         out.update({f"{k}_total" if k == "path" else k: v for k, v in terms.items()})
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = float(np.nanmax(np.abs(terms["residual"]) / scale))
+        if share > 1e-3:
+            warnings.warn(
+                f"EPK: the optimizer's rule applied to per-example gradients misses up to "
+                f"{share:.1%} of the recorded path (the 'residual' term); the training loss is "
+                "probably not a mean of per-example losses (batch norm in training mode, "
+                "ghost batch norm) or loss_fn is not the training loss",
+                stacklevel=2,
+            )
         nodes = assemble(state.nodes, 0, ctx.index.num_steps, np.int32)
         out["nodes"] = np.broadcast_to(nodes, (ctx.batch_size, len(nodes))).copy()
         return {"model": out}
