@@ -247,6 +247,24 @@ def test_epk_completeness_float32_demo_cnn(kind: str, digits: Digits, tmp_path: 
     assert np.abs(d["residual"]).max() <= 1e-4 * np.abs(d["path_total"]).max()
 
 
+def test_epk_momentum_window_attributes_the_first_moment_exactly(
+    digits: Digits, tmp_path: Path
+) -> None:
+    """AdamW's first moment holds only gradients: with a window covering the whole run (one
+    keyframe interval) every carried unit goes to examples and the momentum term vanishes."""
+    cfg = hs.RecorderConfig(keyframe_every=64, steps_per_block=4)
+    run = _record(tmp_path / "r.zarr", SmoothMLP, "adamw", digits, torch.float64, 12, config=cfg)
+    x = digits.x_test[:2].to(torch.float64)
+    plain, plain_rows = _explain(run, x, "epk", tmp_path)
+    full, full_rows = _explain(run, x, "epk", tmp_path, momentum_window=12)
+    assert np.abs(plain["momentum"]).min() > 1e-3 * np.abs(plain["path_total"]).max()
+    assert np.abs(full["momentum"]).max() <= 1e-12 * np.abs(full["path_total"]).max()
+    np.testing.assert_allclose(full["examples"], plain["examples"] + plain["momentum"], rtol=1e-9)
+    np.testing.assert_allclose(full_rows.sum(1), full["examples"], rtol=1e-6)  # float32 rows
+    assert full["completeness_error"].max() <= 1e-5
+    assert not np.allclose(full_rows, plain_rows)
+
+
 def test_epk_adam_l2(digits: Digits, tmp_path: Path) -> None:
     run = _record(tmp_path / "r.zarr", SmoothMLP, "adam", digits, torch.float64, steps=10)
     d, _ = _explain(run, digits.x_test[:2].to(torch.float64), "epk", tmp_path)
@@ -258,12 +276,13 @@ def test_epk_schedulers_agree(run64: PathRun, digits: Digits, tmp_path: Path) ->
     """sync = threads (keyframe ranges in parallel) = dask.distributed."""
     distributed = pytest.importorskip("distributed")
     x = digits.x_test[:2].to(torch.float64)
-    sync, sync_rows = _explain(run64, x, "epk", tmp_path)
-    runs = [_explain(run64, x, "epk", tmp_path, scheduler="threads", num_workers=3)]
+    w = {"momentum_window": 3}  # windows restart at keyframes: schedule-independent
+    sync, sync_rows = _explain(run64, x, "epk", tmp_path, **w)
+    runs = [_explain(run64, x, "epk", tmp_path, scheduler="threads", num_workers=3, **w)]
     with distributed.Client(
         processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None
     ) as client:
-        runs.append(_explain(run64, x, "epk", tmp_path, scheduler=client))
+        runs.append(_explain(run64, x, "epk", tmp_path, scheduler=client, **w))
     assert runs[1][0]["attrs"]["scheduler"] == "distributed"
     for other, rows in runs:
         np.testing.assert_allclose(rows, sync_rows, rtol=1e-9, atol=1e-15)

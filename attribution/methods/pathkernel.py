@@ -85,7 +85,9 @@ class PathKernelMethod(PathMethod):
     (default 1e-10 for float64 models, 1e-5 otherwise); ``max_level``: panels no narrower
     than 2^-max_level of the step; ``min_level``: at least 2^min_level + 1 nodes;
     ``node_batch``: quadrature nodes evaluated in one batched call (memory node_batch × B ×
-    params)."""
+    params); ``momentum_window``: attribute what momentum carries from the last W batches
+    (within a keyframe interval) to their examples too, keeping their per-example gradients
+    (memory W × |B| × params); the rest stays in the ``momentum`` term."""
 
     name = "epk"
     exact = True
@@ -102,11 +104,15 @@ class PathKernelMethod(PathMethod):
         train_batch_size: int = 256,
         allow_lossy: bool = False,
         node_batch: int = 16,
+        momentum_window: int = 0,
     ) -> None:
         super().__init__(top_k, keep_scores, target, train_batch_size, allow_lossy)
         if node_batch < 1:
             raise ValueError(f"node_batch must be >= 1, got {node_batch}")
         self.node_batch = int(node_batch)
+        if momentum_window < 0:
+            raise ValueError(f"momentum_window must be >= 0, got {momentum_window}")
+        self.momentum_window = int(momentum_window)
         if rtol is not None and not rtol > 0:
             raise ValueError(f"rtol must be > 0, got {rtol}")
         if not 1 <= min_level <= max_level:
@@ -116,6 +122,7 @@ class PathKernelMethod(PathMethod):
         self.max_level = int(max_level)
 
     def _bind(self, store: HistoryStore) -> None:
+        self.keyframes = {int(k) for k in store.keyframe_steps}
         rule = self.rule
         assert rule is not None
         if rule.kind == "adam":
@@ -272,6 +279,7 @@ class PathKernelMethod(PathMethod):
                 a, bc1 = preconditioner(rule, n, t, st["exp_avg_sq"][i], st["step"][i])
                 b1 = float(hp["beta1"][t])
                 c_g, c_m = (1 - b1) / bc1, b1 / bc1
+                w_buf, decay = 1 - b1, b1
                 wd_l2, wd_dec = (0.0, wd) if rule.decoupled[n] else (wd, 0.0)
                 ga[n] = gbar[n] * a
             else:
@@ -279,12 +287,13 @@ class PathKernelMethod(PathMethod):
                 first = m_prev is None or not bool(m_prev.any())
                 c_g = 1.0 if (mu == 0 or first) else 1.0 - damp
                 c_m = mu
+                w_buf, decay = c_g, mu  # buf_t = μ buf_{t−1} + w d_t
                 if rule.nesterov[n] and mu > 0:
                     c_g, c_m = 1.0 + mu * c_g, mu * mu
                 wd_l2, wd_dec = wd, 0.0
                 ga[n] = gbar[n]
             cg[n] = -lr * c_g
-            parts[n] = (lr, c_g, c_m, wd_l2, wd_dec, m_prev)
+            parts[n] = (lr, c_g, c_m, wd_l2, wd_dec, m_prev, w_buf, decay)
         return ga, cg, parts
 
     # -- the stream --------------------------------------------------------------------------
@@ -310,6 +319,7 @@ class PathKernelMethod(PathMethod):
             ga, cg, parts = self._coefficients(state, block, i, ctx, gbar)
             ids, x, y = self._batch(block, i, dev, fn.dtype)
             ex = torch.zeros_like(path)
+            j: dict[str, torch.Tensor] = {}
             if len(ids):
                 j = fn.train_grads(th0, x, y, self.loss_fn)
                 e, _ = pair_scores(ga, j, {n: cg[n] / len(ids) for n in self.names})
@@ -318,18 +328,53 @@ class PathKernelMethod(PathMethod):
             wd = torch.zeros_like(path)
             mom = torch.zeros_like(path)
             for n in self.names:
-                lr, c_g, c_m, wd_l2, wd_dec, m_prev = parts[n]
+                lr, c_g, c_m, wd_l2, wd_dec, m_prev, _, _ = parts[n]
                 if wd_l2:
                     wd -= lr * c_g * wd_l2 * dots({n: ga[n]}, {n: th0[n]})[n]
                 if wd_dec:
                     wd -= lr * wd_dec * dots({n: gbar[n]}, {n: th0[n]})[n]
                 if c_m and m_prev is not None:
                     mom -= lr * c_m * dots({n: ga[n]}, {n: m_prev})[n]
+            if self.momentum_window:
+                carried = self._window(state, t, ga, parts, ids, j if len(ids) else None, dev)
+                ex, mom = ex + carried, mom - carried
             for k, v in (("path", path), ("examples", ex), ("weight_decay", wd), ("momentum", mom)):
                 state.terms[k] += v
             state.terms["residual"] += path - ex - wd - mom
         state.steps.append((block.start, steps))
         state.nodes.append((block.start, nodes))
+
+    def _window(
+        self,
+        state: PathState,
+        t: int,
+        ga: dict[str, torch.Tensor],
+        parts: dict[str, Any],
+        ids: np.ndarray,
+        j: dict[str, torch.Tensor] | None,
+        dev: torch.device,
+    ) -> torch.Tensor:
+        """Attribute what the momentum/first moment m_{t−1} carries from the last
+        ``momentum_window`` batches to their examples; return that part [B] (it leaves the
+        momentum term). m_{t−1} = Σ_s (Π_{s<r<t} decay_r) w_s g_s, so example i of step s
+        gets −lr_t c_m f_s ⟨A ⊙ ḡ_t, ∇ℓ(z_i; θ_s)⟩ with f_s = w_s/|B_s| Π decay. The window
+        restarts at keyframes, so the result does not depend on how ranges are scheduled."""
+        win = state.carry.setdefault("window", [])
+        if t in self.keyframes:
+            win.clear()
+        carried = torch.zeros(state.examples.shape[0], dtype=torch.float64, device=dev)
+        for ids_s, j_s, f_s in win:
+            coef = {n: -parts[n][0] * parts[n][2] * f_s[n] for n in self.names}
+            e_s, _ = pair_scores(ga, j_s, coef)
+            state.examples.index_add_(1, ids_s, e_s)
+            carried += e_s.sum(1)
+            for n in self.names:
+                f_s[n] *= parts[n][7]
+        if j is not None and len(ids):
+            f = {n: parts[n][6] / len(ids) for n in self.names}
+            win.append((torch.from_numpy(ids).to(dev), j, f))
+        del win[: max(0, len(win) - self.momentum_window)]
+        return carried
 
     def finalize(self, state: PathState, ctx: ExplainContext) -> dict[str, dict[str, np.ndarray]]:
         out = self._finalize_common(state, ctx)
@@ -362,4 +407,5 @@ class PathKernelMethod(PathMethod):
             "min_level": self.min_level,
             "max_level": self.max_level,
             "quadrature": "locally adaptive Simpson, endpoint reuse",
+            "momentum_window": self.momentum_window,
         }
