@@ -28,6 +28,7 @@ from torch import nn
 from benchmarks._machine import arg_parser, cpu_share, machine_facts, plain_json, results_dir
 
 FAST_RTOL = 1e-3  # a looser quadrature tolerance, to show the error/time trade-off
+WINDOW = 64  # momentum_window: attribute what momentum carries per example, as explaind does
 DETAILS = """
 How the two are compared (what explaind computes and how we read it):
 * explaind gets the run as its own wrappers want it: ModelPath with θ_0..θ_T (from the same
@@ -45,9 +46,11 @@ How the two are compared (what explaind computes and how we read it):
   Its overall_reg_term carries an extra factor lr (accumulated as lr·(−lr·term)); we divide
   by the constant lr before comparing it with our weight-decay term.
 * explaind keeps a per-sample momentum buffer [num_train × params] (SGD) / first moment
-  (AdamW), so its per-example scores include what momentum carries from earlier batches; ours
-  attribute a step's own batch per example and keep the carried part as the momentum term.
-  The Spearman correlation compares these two per-example scores as they are.
+  (AdamW), so its per-example scores include what momentum carries from earlier batches. Ours
+  by default attribute a step's own batch per example and keep the carried part as the
+  momentum term; with momentum_window=64 (= the keyframe interval here) the carried part of
+  the last 64 batches goes to their examples too, as in explaind (bounded memory: 64 × batch ×
+  params). The Spearman correlation compares the per-example scores as they are.
 """
 
 
@@ -132,7 +135,7 @@ def _rss_mb() -> float:
 
 
 # -- workers (one per subprocess) --------------------------------------------------------------
-def _ours(run_dir: Path, meta: dict, b: int, rtol: float | None, tag: str) -> dict:
+def _ours(run_dir: Path, meta: dict, b: int, rtol: float | None, window: int, tag: str) -> dict:
     import zarr
 
     from attribution import explain
@@ -152,7 +155,7 @@ def _ours(run_dir: Path, meta: dict, b: int, rtol: float | None, tag: str) -> di
         progress=False,
         test_batch_size=b,
         scores_path=run_dir / f"{tag}_scores.zarr",
-        method_options={"rtol": rtol},
+        method_options={"rtol": rtol, "momentum_window": window},
     )
     wall = time.perf_counter() - t0
     d = res["model"]
@@ -268,22 +271,27 @@ def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     run_dir = Path(args.run)
     meta = json.loads((run_dir / "meta.json").read_text())
-    tag = args.worker if args.rtol is None else f"{args.worker}-{args.rtol:g}"
+    tag = _tag(args.worker, args.rtol, args.window)
     if args.worker == "ours":
-        out = _ours(run_dir, meta, args.points, args.rtol, tag)
+        out = _ours(run_dir, meta, args.points, args.rtol, args.window, tag)
     else:
         target = json.loads((run_dir / "ours.json").read_text())["target"]
         out = _explaind(run_dir, meta, args.points, target)
     (run_dir / f"{tag}.json").write_text(json.dumps(out))
 
 
-def _spawn(worker: str, run_dir: Path, points: int, rtol: float | None = None) -> dict[str, Any]:
+def _tag(worker: str, rtol: float | None, window: int) -> str:
+    return worker + (f"-{rtol:g}" if rtol is not None else "") + (f"-w{window}" if window else "")
+
+
+def _spawn(
+    worker: str, run_dir: Path, points: int, rtol: float | None = None, window: int = 0
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.pathkernel", "--worker", worker]
-    cmd += ["--run", str(run_dir), "--points", str(points)]
-    tag = worker
+    cmd += ["--run", str(run_dir), "--points", str(points), "--window", str(window)]
+    tag = _tag(worker, rtol, window)
     if rtol is not None:
         cmd += ["--rtol", str(rtol)]
-        tag = f"{worker}-{rtol:g}"
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
@@ -346,6 +354,7 @@ def main() -> None:
     ap.add_argument("--worker", choices=["ours", "explaind"], help=argparse.SUPPRESS)
     ap.add_argument("--run", help=argparse.SUPPRESS)
     ap.add_argument("--rtol", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--window", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         _worker(args)
@@ -388,10 +397,15 @@ def main() -> None:
                 **cmp,
                 f"ours_rtol_{FAST_RTOL:g}": {**fast, **cmp_fast},
             }
+            win = _spawn("ours", run_dir, args.points, None, WINDOW)
+            cmp_win = _compare(run_dir, meta, win, theirs, _tag("ours", None, WINDOW))
+            results["runs"][kind][f"ours_momentum_window_{WINDOW}"] = {**win, **cmp_win}
             rows.append((kind, "ours (default rtol)", ours, theirs, cmp))
             rows.append((kind, f"ours (rtol {FAST_RTOL:g})", fast, theirs, cmp_fast))
+            rows.append((kind, f"ours (momentum window {WINDOW})", win, theirs, cmp_win))
             print(_row(kind, ours, theirs, cmp))
             print(_row(f"{kind}, rtol {FAST_RTOL:g}", fast, theirs, cmp_fast))
+            print(_row(f"{kind}, momentum window {WINDOW}", win, theirs, cmp_win))
     out_path.write_text(json.dumps(plain_json(results), indent=1))
     md = out_path.with_suffix(".md")
     md.write_text(_markdown(results, rows))
