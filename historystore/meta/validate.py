@@ -59,6 +59,7 @@ class ExpectedArray:
     rows: int  # committed rows
     chunk_rows: int | None  # rows per (inner) chunk; None: any divisor of the block
     shard_rows: int | None  # rows per shard file, None when not sharded
+    max_rows: int | None = None  # a writer never leaves more (one uncommitted block at most)
 
     @property
     def rows_per_file(self) -> int:
@@ -68,6 +69,11 @@ class ExpectedArray:
 def _fail(key: str, field: str, msg: str) -> MetadataError:
     where = f"{key}: {field}" if field else key
     return MetadataError(f"{where}: {msg}", key=key, field=field)
+
+
+def _isin(x: Any, allowed: Any) -> bool:
+    """``x in allowed`` for untrusted JSON (a list or dict is unhashable, never allowed)."""
+    return isinstance(x, str) and x in allowed
 
 
 def _is_int(x: Any) -> bool:
@@ -306,7 +312,7 @@ def check_commit(raw: dict[str, Any], key: str = "commit/zarr.json") -> Commit:
         raise _fail(key, "attributes", f"expected an object, got {type(attrs).__name__}")
     counts = {}
     for f in _COMMIT_FIELDS:
-        v = attrs.get(f, 0)
+        v = attrs.get(f)
         if not _is_int(v) or not 0 <= v < 2**53:
             raise _fail(key, f"attributes.{f}", f"expected a count >= 0, got {v!r:.40}")
         counts[f] = v
@@ -331,7 +337,8 @@ def expected_arrays(meta: RunMeta, commit: Commit) -> dict[str, ExpectedArray]:
     def add(path: str, shape: tuple[int, ...], dtype: str, rows: int, chunk: int | None,
             shard: int | None = None) -> None:  # fmt: skip
         sd = layout.storage_dtype(dtype)
-        out[path] = ExpectedArray(path, tuple(shape), sd, rows, chunk, shard)
+        most = None if path in layout.RAGGED else rows + spb + (2 if rows == K else 0)
+        out[path] = ExpectedArray(path, tuple(shape), sd, rows, chunk, shard, most)
 
     n = len(meta.tensors)
     for t in meta.tensors:
@@ -379,6 +386,13 @@ def check_array(raw: dict[str, Any], spec: ExpectedArray, key: str, mem_limit: i
         )
     if shape[0] < spec.rows:
         raise _fail(key, "shape", f"holds {shape[0]} rows but {spec.rows} are committed")
+    if spec.max_rows is not None and shape[0] > spec.max_rows:
+        raise _fail(
+            key,
+            "shape",
+            f"holds {shape[0]:,} rows but {spec.rows} are committed: a writer leaves at most one "
+            "uncommitted block, so this shape is damaged",
+        )
     grid = raw.get("chunk_grid")
     if not (
         isinstance(grid, dict)
@@ -414,7 +428,7 @@ def check_array(raw: dict[str, Any], spec: ExpectedArray, key: str, mem_limit: i
         inner = _shape(cfg.get("chunk_shape"), key, "codecs[0].configuration.chunk_shape", 1)
         _check_chain(cfg.get("codecs"), key, "codecs[0].configuration.codecs")
         _check_chain(cfg.get("index_codecs"), key, "codecs[0].configuration.index_codecs")
-        if cfg.get("index_location", "end") not in ("start", "end"):
+        if not _isin(cfg.get("index_location", "end"), ("start", "end")):
             raise _fail(key, "codecs[0].configuration.index_location", "must be 'start' or 'end'")
         if len(inner) != len(shape) or any(o % i for o, i in zip(outer, inner, strict=True)):
             raise _fail(
@@ -481,13 +495,13 @@ def _check_chain(chain: Any, key: str, field: str) -> None:
             raise _fail(key, f"{f}.name", "the chain must start with 'bytes' and use it once")
         bad = None
         if name == "bytes":
-            bad = cfg.get("endian", "little") not in ("little", "big")
+            bad = not _isin(cfg.get("endian", "little"), ("little", "big"))
         elif name == "blosc":
             bad = not (
-                cfg.get("cname") in _BLOSC_CNAMES
+                _isin(cfg.get("cname"), _BLOSC_CNAMES)
                 and _is_int(cfg.get("clevel"))
                 and 0 <= cfg["clevel"] <= 9
-                and cfg.get("shuffle") in _BLOSC_SHUFFLES
+                and _isin(cfg.get("shuffle"), _BLOSC_SHUFFLES)
                 and _is_int(cfg.get("typesize", 1))
                 and 1 <= cfg.get("typesize", 1) <= 16
                 and _is_int(cfg.get("blocksize", 0))
@@ -562,6 +576,13 @@ def _validate(path: str, reader: _Reader, all_files: bool) -> Validated:
 
     commit = check_commit(reader.json("commit/zarr.json", missing("the commit marker /commit")))
     arrays = expected_arrays(meta, commit)
+    groups = {"/".join(p.split("/")[:i]) for p in arrays for i in range(1, p.count("/") + 1)}
+    for g in sorted(groups):
+        raw = reader.json(f"{g}/zarr.json", missing(f"group {g!r}"))
+        if raw.get("zarr_format") != 3 or raw.get("node_type") != "group":
+            raise _fail(f"{g}/zarr.json", "node_type", "expected a zarr v3 group")
+        if not isinstance(raw.get("attributes", {}), dict):
+            raise _fail(f"{g}/zarr.json", "attributes", "expected an object")
     limit = _memory_limit()
     for p, spec in arrays.items():
         key = f"{p}/zarr.json"
