@@ -3,7 +3,7 @@
     python -m benchmarks.faults            # 20 kills, 500 mutated stores -> results/faults.json
     python -m benchmarks.faults --quick    # 3 kills, 50 mutated stores (what CI runs as tests)
 
-* kills: a subprocess records a deterministic run (MLP on digits, AdamW, 4-step blocks) and is
+* kills: a subprocess records a deterministic run (MLP, generated data, AdamW, 4-step blocks) and is
   killed with SIGKILL at a random time; then ``verify`` must pass, a resume (restore the model
   and optimizer from the store, continue) must reach the last step, and the replayed final
   weights must equal both the resumed model's and those of an uninterrupted reference run bit
@@ -42,7 +42,7 @@ import historystore as hs
 from historystore.errors import HistoryStoreError, StoreLockedError
 from historystore.meta.verify import verify
 
-STEPS = 48
+STEPS = 32
 SPB = 4
 CONFIG = dict(keyframe_every=8, steps_per_block=SPB)
 BATCH = 32
@@ -61,10 +61,10 @@ def one_thread() -> Iterator[None]:
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    from attribution.demo.data import load_digits
-
-    d = load_digits()
-    return d.x_train.flatten(1), d.y_train
+    """Generated data (no scikit-learn import: the killed subprocesses start faster)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g)
+    return x, (x @ torch.randn(64, 10, generator=g)).argmax(1)
 
 
 def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -114,7 +114,7 @@ def bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def spawn_writer(path: Path, steps: int, pace: float) -> subprocess.Popen[str]:
-    """A recording subprocess; returns once it has committed θ_0 (it prints 'ready')."""
+    """A recording subprocess; returns once it has committed θ_0."""
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.faults", "--worker", str(path), str(steps), str(pace)],
@@ -125,11 +125,16 @@ def spawn_writer(path: Path, steps: int, pace: float) -> subprocess.Popen[str]:
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    if line.strip() != "ready":
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"the recording subprocess did not start (said {line!r})")
-    return proc
+    commit = path / "commit" / "zarr.json"
+    deadline = time.time() + 60
+    while line.strip() == "ready" and time.time() < deadline:  # θ_0 is committed in background
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(commit.read_text())["attributes"].get("num_keyframes", 0) >= 1:
+                return proc
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"the recording subprocess did not start (said {line!r})")
 
 
 # -- kills -----------------------------------------------------------------------------------
@@ -174,13 +179,13 @@ def kills(workdir: Path, n: int, seed: int = 0, reference: dict | None = None) -
 
 # -- a full disk -----------------------------------------------------------------------------
 @contextlib.contextmanager
-def tiny_disk(where: Path, size_kb: int) -> Iterator[tuple[Path, Any]]:
+def tiny_disk(where: Path, size_kb: int, mount: bool = True) -> Iterator[tuple[Path, Any]]:
     """A ``size_kb`` tmpfs (root and mount allowed) or ENOSPC simulated in zarr's file writes.
 
     Yields (directory, grow): ``grow()`` gives the disk room again."""
     where.mkdir(parents=True, exist_ok=True)
     mounted = False
-    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount"):
+    if mount and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount"):
         r = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(where)],
             capture_output=True,
@@ -201,7 +206,7 @@ def tiny_disk(where: Path, size_kb: int) -> Iterator[tuple[Path, Any]]:
     import zarr.storage._local as local
 
     real_put = local._put
-    budget = {"bytes": size_kb * 1024}
+    budget = {"bytes": size_kb * 1024 * 2 // 5}  # tmpfs also spends a 4 KiB page per file
 
     def put(path: Any, value: Any, exclusive: bool = False) -> Any:
         n = len(value.as_buffer_like()) if hasattr(value, "as_buffer_like") else 0
@@ -220,9 +225,12 @@ def tiny_disk(where: Path, size_kb: int) -> Iterator[tuple[Path, Any]]:
         local._put = real_put
 
 
-def disk_full(workdir: Path, reference: dict | None = None) -> dict[str, Any]:
+def disk_full(
+    workdir: Path, reference: dict | None = None, size_kb: int = 1536, mount: bool = True
+) -> dict[str, Any]:
+    """Fill a tiny disk while recording; check the committed steps, then resume on more room."""
     reference = reference or train(workdir / "reference.zarr")
-    with tiny_disk(workdir / "tiny", 384) as (disk, grow):
+    with tiny_disk(workdir / "tiny", size_kb, mount) as (disk, grow):
         path = disk / "full.zarr"
         error = ""
         try:
@@ -272,6 +280,7 @@ def two_writers(workdir: Path) -> dict[str, Any]:
         "second_writers_tried": 2,
         "message": refused.get("overwrite", ""),
         "verify_after": rep.ok,
+        "problems": rep.problems,
         "steps": rep.num_steps,
     }
 
