@@ -52,7 +52,7 @@ def _refused(path: Path, key: str, field: str, match: str) -> MetadataError:
     result = CliRunner().invoke(main, ["verify", "--no-progress", str(path)])
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit)  # a verdict, not an exception
-    assert result.output.splitlines()[0].startswith(f"FAILED {path}")
+    assert result.output.splitlines()[-1].startswith(f"FAILED {path}")  # the verdict comes last
     assert "Traceback" not in result.output
     info_result = CliRunner().invoke(main, ["info", str(path)])
     assert info_result.exit_code == 1 and "Error:" in info_result.output
