@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -415,6 +416,9 @@ def main() -> None:
         train(path, steps, pace=pace, on_ready=lambda: print("ready", flush=True))
         return
     from ._machine import arg_parser, machine_facts, plain_json, results_dir
+
+    # each resume after a kill warns that it takes over the killed writer's lock: expected here
+    warnings.filterwarnings("ignore", "(?s).*ended without closing the recorder", RuntimeWarning)
 
     ap = arg_parser(__doc__, "", "3 kills and 50 mutated stores", "faults.json")
     ap.add_argument("--kills", type=int, default=None)

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 import historystore as hs
 from benchmarks import faults
-from historystore.errors import StoreLockedError
 from historystore.meta.verify import verify
 from historystore.write.lock import lock_holder
 
@@ -55,11 +54,12 @@ def test_a_second_writer_is_refused_and_names_the_holder(tmp_path, mode):
         _step(model, opt, first, 0)
         holder = lock_holder(path)
         assert holder is not None and holder["pid"] == os.getpid()
+        assert any("is recording into this store" in n for n in verify(str(path)).notes)
         m2 = torch.nn.Linear(4, 2)
         o2 = torch.optim.SGD(m2.parameters(), lr=0.1)
         with (
             pytest.raises(
-                StoreLockedError, match=rf"is being written by pid {os.getpid()} on host"
+                hs.StoreLockedError, match=rf"is being written by pid {os.getpid()} on host"
             ),
             hs.Recorder(path, m2, o2, **{mode: True}),
         ):

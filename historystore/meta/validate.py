@@ -123,7 +123,7 @@ class _Reader:
     def json(self, key: str, missing: Callable[[], Exception]) -> dict[str, Any]:
         try:
             size = sync(self.store.getsize(key))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise missing() from None
         except OSError as e:
             raise _fail(key, "", f"cannot be read ({e})") from e
