@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import historystore as hs
 from benchmarks import faults
 from historystore.meta.verify import verify
-from historystore.write.lock import lock_holder
+from historystore.write.lock import LocalWriterLock, lock_holder, writer_lock
 
 N = int(os.environ.get("HISTORYSTORE_FAULTS_N", "0"))
 KILLS = N or 3
@@ -86,6 +86,14 @@ def test_a_refused_recorder_releases_the_lock(tmp_path):
     with rec:  # the failed one did not keep the lock
         _step(model, opt, rec, 0)
     assert hs.open_store(path).num_steps == 1
+
+
+def test_object_store_urls_get_no_lock_and_say_so():
+    lock = writer_lock("s3://bucket/run.zarr")
+    with pytest.warns(UserWarning, match="object stores have no writer lock"):
+        lock.acquire()
+    lock.release()
+    assert isinstance(writer_lock("file:///tmp/run.zarr"), LocalWriterLock)
 
 
 def test_two_writer_processes_and_the_stale_lock_of_a_killed_one(tmp_path):
