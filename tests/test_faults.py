@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,36 @@ def test_a_refused_recorder_releases_the_lock(tmp_path):
     with rec:  # the failed one did not keep the lock
         _step(model, opt, rec, 0)
     assert hs.open_store(path).num_steps == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_keep_the_lock_of_a_dead_parent(tmp_path):
+    """DataLoader workers are forked from the trainer: if the trainer is killed while they
+    live, the lock must be free at once (flock belongs to the open file, which fork shares)."""
+    lock = LocalWriterLock(str(tmp_path / "f.zarr")).acquire()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: outlive the parent's lock, then leave without cleanup
+        os.write(w, b"1")  # the fork hooks have run
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(r, 1) == b"1"
+        os.close(lock._fd)  # the parent dies: its descriptor closes, nothing is released
+        lock._fd = None
+        with pytest.warns(RuntimeWarning, match=f"pid {os.getpid()} "):
+            LocalWriterLock(str(tmp_path / "f.zarr")).acquire().release()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
+
+
+def test_a_lock_that_cannot_be_created_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(hs.RecorderError, match="cannot create the folder"):
+        LocalWriterLock(str(tmp_path / "file" / "sub" / "s.zarr")).acquire()
 
 
 def test_object_store_urls_get_no_lock_and_say_so():

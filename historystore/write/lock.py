@@ -7,9 +7,10 @@ The lock makes the second writer fail at once with an error naming the holder.
 Local stores use an OS advisory lock (``fcntl.flock``) on ``<store>.lock`` beside the store
 (beside, not inside: ``overwrite`` deletes the store directory, and the lock must outlive
 that). The kernel drops the lock when its process dies, so a writer killed by SIGKILL never
-leaves a lock that blocks the next one; the holder's pid, host and start time are written
-into the lock file, a clean release deletes the file, and a file still naming a holder when
-the lock is taken again marks a writer that ended without closing (reported as a warning).
+leaves a lock that blocks the next one (forked children such as DataLoader workers close their
+copy of the lock file, so they do not keep it held). The holder's pid, host and start time are
+written into the lock file, a clean release deletes the file, and a file still naming a holder
+when the lock is taken again marks a writer that ended without closing (reported as a warning).
 Works on local disks and on network filesystems with lock support (NFSv4, Lustre).
 
 Object stores (``s3://``, ``gs://``, ...) get no lock: they offer no lock primitive that
@@ -27,11 +28,12 @@ import socket
 import sys
 import time
 import warnings
+import weakref
 from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 from typing import Any
 
-from ..errors import StoreLockedError
+from ..errors import RecorderError, StoreLockedError
 
 try:  # POSIX
     import fcntl
@@ -106,9 +108,18 @@ class LocalWriterLock(WriterLock):
     def acquire(self) -> LocalWriterLock:
         if self._fd is not None:
             return self
-        os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
+        except OSError as e:
+            raise RecorderError(f"cannot create the folder of {self.store_path}: {e}") from e
         for _ in range(100):
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RecorderError(
+                    f"cannot open the writer lock file {self.lock_path} of {self.store_path} "
+                    f"(the lock lives beside the store, so its folder must be writable): {e}"
+                ) from e
             try:
                 if not _try_lock(fd):
                     holder = _read_holder(fd)
@@ -133,6 +144,7 @@ class LocalWriterLock(WriterLock):
                     os.close(fd)
                 raise
             self._fd = fd
+            _HELD.add(self)
             self.stale_holder = previous or None
             if previous:
                 warnings.warn(
@@ -149,6 +161,7 @@ class LocalWriterLock(WriterLock):
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        _HELD.discard(self)
         try:
             # unlink while still holding: a contender that opened the old inode re-checks it
             with contextlib.suppress(FileNotFoundError):
@@ -161,6 +174,24 @@ class LocalWriterLock(WriterLock):
     def __del__(self) -> None:  # a recorder that is never closed: the fd goes with it
         with contextlib.suppress(Exception):
             self.release()
+
+
+#: locks held by this process: a forked child (a DataLoader worker) closes its copies, so that
+#: the lock dies with the recorder's process, not with the last of its children
+_HELD: weakref.WeakSet[LocalWriterLock] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    for lock in list(_HELD):
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # closes the child's reference only; the parent keeps the lock
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 class UnlockedObjectStore(WriterLock):
