@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-# bytes on disk below a path: the same walk ``historystore.meta.inspect.info`` reports as "stored"
-from historystore.meta.inspect import _du as du
+# bytes on disk below a path: the same walk ``historystore.meta.info.info`` reports as "stored"
+from historystore.meta.info import _du as du
 
 MB = 1e6
 _CHUNK = 8 << 20  # bytes written / read per call

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import historystore as hs
-from historystore.meta.inspect import _row_bytes, committed_arrays, info
+from historystore.meta.info import _row_bytes, committed_arrays, info
 
 try:  # run as a module (python -m benchmarks.recording) or as a script
     from benchmarks import _machine
@@ -68,7 +68,7 @@ Measured:
 * write throughput: raw bytes handed to zarr (the writer's ``bytes_raw``: uncompressed, deltas,
   optimizer state, keyframes, ids, ...) per second the writer thread was busy, and per second of
   the whole recorded loop (training included).
-* compression of the default codec, from ``historystore.meta.inspect.info``: dense delta bytes /
+* compression of the default codec, from ``historystore.meta.info.info``: dense delta bytes /
   stored delta bytes ("ratio Δ"), the same for the optimizer state arrays, and for the whole store.
 * machine limits (``benchmarks/_machine.py``): fsync'd write, memcpy, sequential read with the
   page cache dropped and cached, and the default codec's single-thread encode/decode speed on

@@ -34,7 +34,7 @@ import historystore as hs
 from attribution.demo.data import load_digits
 from attribution.demo.model import DigitsCNN
 from historystore.encodings import EncodingRule
-from historystore.meta.inspect import info
+from historystore.meta.info import info
 
 try:  # run as a module (python -m benchmarks.storage) or as a script
     from benchmarks import _machine

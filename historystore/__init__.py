@@ -6,10 +6,12 @@ from .errors import (
     CorruptStoreError,
     EncodingError,
     HistoryStoreError,
+    MetadataError,
     ModelMismatchError,
     NotAStoreError,
     RecorderError,
     SchemaVersionError,
+    StoreLockedError,
 )
 from .read.store import Batch, HistoryStore, StepBlock, open_store
 from .write.recorder import Recorder
@@ -20,6 +22,7 @@ __all__ = [
     "EncodingError",
     "HistoryStore",
     "HistoryStoreError",
+    "MetadataError",
     "ModelMismatchError",
     "NotAStoreError",
     "Recorder",
@@ -27,6 +30,7 @@ __all__ = [
     "RecorderError",
     "SchemaVersionError",
     "StepBlock",
+    "StoreLockedError",
     "__version__",
     "open_store",
 ]

@@ -26,7 +26,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info_cmd(store: str, as_json: bool) -> None:
     """Steps, tensors (shape, encoding, codec), keyframes and bytes raw vs stored."""
-    from .meta.inspect import info
+    from .meta.info import info
 
     try:
         d = info(store)
@@ -73,16 +73,17 @@ def info_cmd(store: str, as_json: bool) -> None:
 def verify_cmd(store: str, progress: bool) -> None:
     """Checksums, metadata, and bit-exact replay to every keyframe and the last step.
 
-    Exit status: 0 sound, 1 damaged, 3 sound but the run has NaN/inf deltas.
+    Ends in one verdict line (OK ... or FAILED ...). Exit status: 0 sound, 1 damaged, 3 sound
+    but the run has NaN/inf deltas.
     """
-    from .meta.inspect import verify
+    from .meta.verify import verify
 
     report = verify(store, progress=progress and sys.stderr.isatty())
-    click.echo(report.summary)
     for note in report.notes:
         click.echo(f"note: {note}")
     for w in report.warnings:
         click.echo(f"WARNING: {w}")
+    click.echo(report.summary)
     if not report.ok:
         sys.exit(1)
     if report.warnings:

@@ -33,3 +33,21 @@ class RecorderError(HistoryStoreError):
 
 class EncodingError(HistoryStoreError):
     """An encoding cannot provide what was asked of it (e.g. a dense delta from a sketch)."""
+
+
+class MetadataError(CorruptStoreError):
+    """A store's metadata (a ``zarr.json`` or the root attributes) is unreadable or contradicts
+    the layout; ``key`` names the file and ``field`` the entry at fault."""
+
+    def __init__(self, message: str, key: str = "", field: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+        self.field = field
+
+
+class StoreLockedError(RecorderError):
+    """Another writer holds the store; ``holder`` says who (pid, host, since)."""
+
+    def __init__(self, message: str, holder: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.holder = dict(holder or {})

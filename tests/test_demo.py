@@ -15,7 +15,7 @@ from attribution.cli import main
 from attribution.demo.run import run_demo
 from attribution.demo.train import TrainConfig
 from attribution.results import AttributionResult
-from historystore.meta.inspect import verify
+from historystore.meta.verify import verify
 
 
 @pytest.fixture(scope="module")

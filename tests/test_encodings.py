@@ -18,7 +18,8 @@ from historystore.encodings import (
     bitround,
     get_encoding,
 )
-from historystore.meta.inspect import info, verify
+from historystore.meta.info import info
+from historystore.meta.verify import verify
 
 
 class MLP(torch.nn.Module):

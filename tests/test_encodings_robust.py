@@ -8,7 +8,7 @@ import torch
 
 import historystore as hs
 from historystore.encodings import EncodingRule, FactorsEncoding, StepContext, resolve
-from historystore.meta.inspect import verify
+from historystore.meta.verify import verify
 
 from .test_encodings import MLP
 

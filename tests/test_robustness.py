@@ -20,7 +20,7 @@ from click.testing import CliRunner
 import historystore as hs
 from attribution.cli import main
 from attribution.demo.model import DigitsCNN
-from historystore.meta.inspect import verify
+from historystore.meta.verify import verify
 
 from .conftest import record_run
 

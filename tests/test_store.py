@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import historystore as hs
-from historystore.meta.inspect import info, verify
+from historystore.meta.info import info
+from historystore.meta.verify import verify
 
 from .conftest import Run, record_run
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from historystore.meta.inspect import info
+from historystore.meta.info import info
 
 from ..report import PointExplanation, ReportData, render
 from .train import TrainConfig, train

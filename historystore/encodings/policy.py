@@ -27,6 +27,9 @@ class EncodingRule:
 
     ``encoding`` is a registered name (full, rounded, factors, svd, projected) or ``lowrank``:
     per-example factors where exact (nn.Linear weight under plain SGD), else SVD of ``rank``.
+    ``params["force"] = True`` keeps the encoding even where it would store more bytes per step
+    than ``full`` (e.g. factors of a small Linear layer, for the exact per-example split of
+    attribution); tensors where factors cannot be exact still fall back, with the reason.
     """
 
     encoding: str
@@ -62,6 +65,25 @@ def _plain_sgd(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
     return False
 
 
+def _why_not_factors(
+    name: str, module: torch.nn.Module | None, optimizer: torch.optim.Optimizer, param: torch.Tensor
+) -> str:
+    """Why exact per-example factors cannot encode this tensor ("" when they can)."""
+    if not isinstance(module, torch.nn.Linear):
+        kind = type(module).__name__ if module is not None else "no module"
+        return f"factors need an nn.Linear weight, and {name!r} belongs to {kind}"
+    if not name.endswith("weight") or param.dim() != 2:
+        return f"factors need an nn.Linear weight, and {name!r} is not one (a bias has no factors)"
+    if not _plain_sgd(optimizer, param):
+        return (
+            f"factors need plain SGD (no momentum, weight decay or maximize), and "
+            f"{name!r} is trained by {type(optimizer).__name__} with other settings"
+            if type(optimizer) is torch.optim.SGD
+            else f"factors need plain SGD, and {name!r} is trained by {type(optimizer).__name__}"
+        )
+    return ""
+
+
 def resolve(
     rules: tuple[EncodingRule, ...],
     name: str,
@@ -76,24 +98,19 @@ def resolve(
             continue
         why = f"rule {i} ({rule.encoding}, pattern {rule.pattern!r})"
         enc, params = rule.encoding, dict(rule.params)
+        force = bool(params.pop("force", False))
         if enc in ("lowrank", "factors"):
-            exact = (
-                isinstance(module, torch.nn.Linear)
-                and name.endswith("weight")
-                and _plain_sgd(optimizer, param)
-            )
-            if exact and "max_rows" in params:
+            not_exact = _why_not_factors(name, module, optimizer, param)
+            if not not_exact and "max_rows" in params:
                 fparams = {"max_rows": params["max_rows"], "tensor": name}
                 if "tolerance" in params:
                     fparams["tolerance"] = params["tolerance"]
-                return _unless_bigger(
-                    "factors", fparams, f"{why}: exact per-example factors", param
-                )
-            reason = (
-                "factors need an nn.Linear weight under plain SGD (no momentum/decay)"
-                if not exact
-                else "factors need params max_rows"
-            )
+                why = f"{why}: exact per-example factors"
+                if force:
+                    return "factors", fparams, f"{why} (forced, even if larger than full)"
+                return _unless_bigger("factors", fparams, why, param)
+            reason = not_exact or "factors need params max_rows"
+            force = False  # ``force`` asks for exact factors, not for the SVD fallback
             enc = "svd"
             params = {"rank": params.get("rank", 8)}
             why = f"{why}: {reason}, using SVD rank {params['rank']}"
@@ -101,6 +118,8 @@ def resolve(
             return "full", {}, f"{why}: 1-D tensor cannot be low-rank, kept full"
         if enc == "projected":
             params = {"tensor": name, **params}
+        if force:
+            return enc, params, f"{why} (forced, even if larger than full)"
         return _unless_bigger(enc, params, why, param)
     return "full", {}, "default (lossless)"
 

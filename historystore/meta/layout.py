@@ -1,4 +1,4 @@
-"""The store's layout: array paths, metadata schema, chunking, and validation on open.
+"""The store's layout: array paths, metadata schema and chunking (checked by ``validate``).
 
 One Zarr v3 group. Every array grows along a leading step axis (or a flat ragged axis with
 per-step counts) and carries a ``description`` attribute, so the store explains itself to
@@ -32,7 +32,7 @@ import numpy as np
 import zarr
 
 from .._version import __version__
-from ..errors import NotAStoreError, SchemaVersionError
+from ..errors import NotAStoreError
 
 SCHEMA_VERSION = 1
 ATTR_KEY = "historystore"
@@ -186,26 +186,6 @@ def chunk_steps_for(step_bytes: int, steps_per_block: int, chunk_bytes: int) -> 
         if steps_per_block % d == 0 and d * max(step_bytes, 1) <= chunk_bytes:
             best = d
     return best
-
-
-def read_meta(group: zarr.Group, path: str) -> RunMeta:
-    """Parse and validate the root attributes of a store."""
-    attrs = group.attrs.asdict()
-    raw = attrs.get(ATTR_KEY)
-    if not isinstance(raw, dict) or raw.get("format") != "historystore":
-        raise NotAStoreError(
-            f"{path} is a zarr group but not a historystore (no '{ATTR_KEY}' attrs)"
-        )
-    version = raw.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise SchemaVersionError(
-            f"{path} has schema version {version}; this historystore {__version__} reads up to "
-            f"{SCHEMA_VERSION}: upgrade historystore to read it"
-        )
-    try:
-        return RunMeta.from_json(raw)
-    except (KeyError, TypeError, ValueError) as e:
-        raise NotAStoreError(f"{path}: malformed historystore metadata ({e!r})") from e
 
 
 def open_group(path: str, mode: str = "r") -> zarr.Group:

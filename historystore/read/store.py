@@ -21,8 +21,9 @@ from .. import tensors
 from ..encodings import Encoding, get_encoding
 from ..errors import CorruptStoreError, EncodingError, ModelMismatchError, NotAStoreError
 from ..meta import layout
-from ..meta.commit import Commit, read_commit
+from ..meta.commit import Commit
 from ..meta.layout import RunMeta, TensorInfo
+from ..meta.validate import validate_store
 
 
 @dataclass(frozen=True)
@@ -617,10 +618,7 @@ def open_store(path: str | os.PathLike[str]) -> HistoryStore:
     path = str(path)
     if not os.path.exists(path):
         raise NotAStoreError(f"{path} does not exist")
+    # every zarr.json a reader uses is checked before zarr parses it or data is read
+    checked = validate_store(path)
     group = layout.open_group(path, mode="r")
-    meta = layout.read_meta(group, path)
-    try:
-        commit = read_commit(group)
-    except KeyError:
-        raise CorruptStoreError(f"{path}: the commit marker /commit is missing") from None
-    return HistoryStore(path, group, meta, commit)
+    return HistoryStore(path, group, checked.meta, checked.commit)

@@ -28,6 +28,7 @@ from ..errors import EncodingError, ModelMismatchError, NotAStoreError, Recorder
 from ..meta import layout
 from ..meta.commit import Commit
 from ..meta.layout import ArrayInfo, RunMeta, TensorInfo
+from .lock import writer_lock
 from .writer import Block, BlockWriter, Keyframe, create_layout
 
 IdsLike = torch.Tensor | np.ndarray | Sequence[int]
@@ -157,6 +158,14 @@ class Recorder:
         if self._entered:
             raise RecorderError("a Recorder can be entered only once")
         self._entered = True
+        self._lock = writer_lock(self.path).acquire()  # one writer per store, named on conflict
+        try:
+            return self._enter()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _enter(self) -> Recorder:
         self._params = self._named_trainable()
         trained = {id(p) for _, p in self._params}
         # buffers (BatchNorm statistics) and parameters the optimizer does not train (a frozen
@@ -476,6 +485,13 @@ class Recorder:
         if len(lab) != len(ids):
             raise ValueError(f"got {len(lab)} labels for {len(ids)} example ids")
         ghosts = _as_ids(ghost_ids, "ghost_ids")
+        for what, a in (("example_ids", ids), ("ghost_ids", ghosts)):
+            if a.size and int(a.min()) < 0:
+                raise ValueError(
+                    f"{what} must be dataset indices >= 0, got {int(a.min())} at position "
+                    f"{int(a.argmin())} (step {self._t}; the step was not recorded: call "
+                    "rec.step() again with valid ids)"
+                )
         hp = _numeric_hparams(self.optimizer)
         if sorted(hp) != self.meta.hparam_keys:
             raise RecorderError(
@@ -657,7 +673,10 @@ class Recorder:
                 self._hook.remove()
             for cap in self._io.values():
                 cap.remove()
-            writer.close()
+            try:
+                writer.close()
+            finally:
+                self._lock.release()
 
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is not None and self._writer is not None:
