@@ -193,11 +193,16 @@ class Engine:
         prefetch: int = 2,
         progress: bool = True,
         weights: str = "store",
+        storage_options: dict[str, Any] | None = None,
         **method_options: Any,
     ) -> None:
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-        self.store = store if isinstance(store, HistoryStore) else open_store(store)
+        self.store = (
+            store
+            if isinstance(store, HistoryStore)
+            else open_store(store, storage_options=storage_options)
+        )
         self.model = model
         self.weights = weights
         if weights == "store":
@@ -465,8 +470,9 @@ class Engine:
         )
 
     def _run_distributed(self, ctx: ExplainContext, names: list[str], bar: tqdm) -> list[Any]:
-        """Ranges as tasks on a dask.distributed cluster; workers open the store by path and
-        pick their own device; partial states come back on the CPU."""
+        """Ranges as tasks on a dask.distributed cluster; workers reopen the store by its path
+        or URL (a HistoryStore pickles as path + storage_options) and pick their own device;
+        partial states come back on the CPU."""
         from distributed import Client, as_completed
 
         own = not isinstance(self.scheduler, Client)
@@ -478,7 +484,7 @@ class Engine:
             futures = [
                 client.submit(
                     _scan_range,
-                    self.store.path,
+                    self.store,
                     self.method,
                     ctx_f,
                     a,
@@ -693,10 +699,12 @@ def explain(
     prefetch: int = 2,
     method_options: dict[str, Any] | None = None,
     weights: str = "store",
+    storage_options: dict[str, Any] | None = None,
 ) -> AttributionResult:
     """Explain the model's predictions on ``test_x`` from the recorded training history.
 
-    store: a path or an open :class:`HistoryStore`. model: the trained architecture; its
+    store: a path, a store URL (``s3://bucket/run.zarr``; ``storage_options`` go to its fsspec
+    filesystem) or an open :class:`HistoryStore`. model: the trained architecture; its
     weights are replaced in place by the store's θ_T and buffers, and a model that does not
     match the store raises :class:`~historystore.errors.ModelMismatchError`.
     weights: "store" (as just said) or "model": keep the model's own weights and buffers for
@@ -711,9 +719,9 @@ def explain(
     the store's blocks). scheduler: None/"threads" runs independent step ranges on dask threads
     (``num_workers`` at once; default: a few on a GPU, on CPU the cores torch's own pool
     leaves free, which on most machines means one prefetching scan), "sync" one sequential
-    scan, or a ``dask.distributed.Client`` / scheduler address (workers must see the store's
-    path). scores_path: also write the full per-example scores [n_test, num_train] of each
-    layer to this zarr group (γ as ``<layer>``, the cosine as ``<layer>@cosine``), one test
+    scan, or a ``dask.distributed.Client`` / scheduler address (workers must reach the store's
+    path or URL). scores_path: also write the full per-example scores [n_test, num_train] of
+    each layer to this zarr group (γ as ``<layer>``, the cosine as ``<layer>@cosine``), one test
     batch at a time.
     """
     options = dict(method_options or {})
@@ -733,6 +741,7 @@ def explain(
         prefetch=prefetch,
         progress=progress,
         weights=weights,
+        storage_options=storage_options,
         **options,
     )
     return engine.explain(test_x, test_batch_size=test_batch_size, scores_path=scores_path)
@@ -756,6 +765,7 @@ def self_influence(
     progress: bool = True,
     weights: str = "store",
     method_options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Self-influence of training examples: {layer: [n] float64}, high = suspicious.
 
@@ -783,6 +793,7 @@ def self_influence(
         prefetch=prefetch,
         progress=progress,
         weights=weights,
+        storage_options=storage_options,
         **options,
     )
     return engine.self_influence(train_x, ids, score=score, test_batch_size=test_batch_size)

@@ -25,6 +25,7 @@ from . import layout
 
 
 def _du(path: str) -> int:
+    """Bytes on disk below a local path."""
     total = 0
     for root, _, files in os.walk(path):
         for f in files:
@@ -63,9 +64,10 @@ def _row_bytes(arr: zarr.Array) -> int:
     return int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
 
 
-def info(path: str) -> dict[str, Any]:
-    """A JSON-able summary: steps, tensors with encodings/codecs, keyframes, bytes raw/stored."""
-    store = open_store(path)
+def info(path: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-able summary: steps, tensors with encodings/codecs, keyframes, bytes raw/stored
+    (bytes on disk, or the objects' sizes in a bucket)."""
+    store = open_store(path, storage_options=storage_options)
     m = store.meta
     tensors_out = []
     errors = store.encoding_error()
@@ -75,7 +77,7 @@ def info(path: str) -> dict[str, Any]:
         for a in store.encodings[t.name].arrays():
             p = layout.param_path(t.name, a)
             encoded_paths.add(p)
-            stored += _du(os.path.join(path, p))
+            stored += layout.stored_bytes(store.group, p)
         dense_raw = store.num_steps * t.nbytes
         err = {}
         for j, what in enumerate(("delta", "theta")):
@@ -106,11 +108,11 @@ def info(path: str) -> dict[str, Any]:
     for p, rows in committed_arrays(store).items():
         if p not in encoded_paths:
             raw_total += rows * _row_bytes(store.group[p])
-    stored_total = _du(path)
+    stored_total = layout.stored_bytes(store.group)
     nf = store.nonfinite()
     bad_steps = np.flatnonzero(nf.sum(axis=1)) if nf.size else np.zeros(0, dtype=np.int64)
     return {
-        "path": path,
+        "path": store.path,
         "num_steps": store.num_steps,
         "schema_version": m.schema_version,
         "library_version": m.library_version,
@@ -161,28 +163,38 @@ class VerifyReport:
         return f"FAILED {self.path}: {self.problems[0]}"
 
 
-def _check_files(store: HistoryStore, path: str, rows: int, report: VerifyReport) -> None:
+def _check_files(
+    store: HistoryStore,
+    path: str,
+    rows: int,
+    report: VerifyReport,
+    chunks: layout.ChunkIndex,
+) -> None:
     arr = store.group[path]
     per_file = arr.shards[0] if arr.shards else arr.chunks[0]
     tail = "/".join("0" for _ in arr.shape[1:])
     for i in range(math.ceil(rows / per_file)):
         key = f"c/{i}" + (f"/{tail}" if tail else "")
-        if not os.path.exists(os.path.join(store.path, path, key)):
+        if not chunks.exists(path, key):
             lo, hi = i * per_file, min(rows, (i + 1) * per_file)
             report.fail(f"array {path!r}: chunk file {key!r} (rows {lo}-{hi - 1}) is missing")
             return
 
 
-def verify(path: str, progress: bool = False) -> VerifyReport:
-    """Check a store end to end; never raises for a damaged store (the report says why)."""
+def verify(
+    path: str, progress: bool = False, *, storage_options: dict[str, Any] | None = None
+) -> VerifyReport:
+    """Check a store (a local path or a store URL) end to end; never raises for a damaged store
+    (the report says why)."""
     report = VerifyReport(path)
     try:
-        store = open_store(path)
+        store = open_store(path, storage_options=storage_options)
     except (HistoryStoreError, OSError, ValueError) as e:
         report.fail(str(e))
         return report
     report.num_steps = store.num_steps
     arrays = committed_arrays(store)
+    chunks = layout.ChunkIndex(store.group)
     for p, rows in arrays.items():
         try:
             arr = store.group[p]
@@ -192,7 +204,7 @@ def verify(path: str, progress: bool = False) -> VerifyReport:
         if arr.shape[0] < rows:
             report.fail(f"array {p!r} holds {arr.shape[0]} rows but {rows} are committed")
         elif rows:
-            _check_files(store, p, rows, report)
+            _check_files(store, p, rows, report, chunks)
     if not report.ok:
         return report
     try:
