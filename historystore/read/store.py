@@ -506,6 +506,15 @@ class HistoryStore:
         """[steps, tensors] NaN/inf counts of the deltas."""
         return self._read("steps/nonfinite", 0, self.num_steps)
 
+    def to_xarray(self, names: Sequence[str] | None = None) -> Any:
+        """The history as a lazy ``xarray.Dataset`` with named dimensions (``step``,
+        ``keyframe``, ``sample``, ``<tensor>.dim<i>``): ``delta.<tensor>``,
+        ``keyframe.<tensor>``, ``optim.<tensor>.<key>``, per-step scalars, ids and labels,
+        cut to the committed steps (needs the ``xarray`` extra)."""
+        from .views import to_xarray
+
+        return to_xarray(self, None if names is None else list(names))
+
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as (path, storage_options): a dask worker reopens the store itself."""
         return (_reopen, (self.path, self.storage_options))
