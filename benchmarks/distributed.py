@@ -60,7 +60,7 @@ class Config:
     repeats: int
 
 
-FULL = Config("full", (1024, 1024, 512, 10), 256, 32, 64, 64, 3)
+FULL = Config("full", (512, 256, 10), 256, 32, 64, 64, 2)
 QUICK = Config("quick", (256, 256, 10), 64, 16, 32, 16, 1)
 BUCKET = "bench"
 
