@@ -166,6 +166,18 @@ def test_memory_and_file_urls(digits: Digits, tmp_path: Path) -> None:
     final = store.params_at(10)
     assert all(_bits_equal(final[n], v) for n, v in snaps[-1].items())
     assert verify("memory://historystore-test/run.zarr").ok
+    model = DigitsCNN(channels=8, hidden=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with hs.Recorder("memory://historystore-test/run.zarr", model, opt, CFG, overwrite=True) as rec:
+        for _ in range(3):  # a new run replaces every object of the old one
+            loss = model(digits.x_train[:8]).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(torch.arange(8), loss=loss)
+    store = hs.open_store("memory://historystore-test/run.zarr")
+    assert store.num_steps == 3 and store.keyframe_steps.tolist() == [0, 3]
+    assert verify("memory://historystore-test/run.zarr").ok
     _record(f"file://{tmp_path}/run.zarr", digits, 10, CFG)  # file:// is the local LocalStore
     assert (tmp_path / "run.zarr" / "commit" / "zarr.json").is_file()
     assert verify(f"file://{tmp_path}/run.zarr").ok
