@@ -289,8 +289,9 @@ class ChunkIndex:
     """Which chunk files/objects of a group's arrays are stored (zarr reads a missing chunk as
     zeros, so truncation checks must ask the store).
 
-    On disk: one ``stat`` per chunk file. On an object store: one listing per array, repeated
-    when a chunk is not in it (a HEAD request per chunk would double the requests of a scan).
+    On disk: one ``stat`` per chunk file. On an object store: one listing per array (a HEAD
+    request per chunk would double the requests of a scan), listed again when a chunk is not
+    in it, and a chunk still missing is asked for by name (stores that cannot list, e.g. HTTP).
     """
 
     def __init__(self, group: zarr.Group) -> None:
@@ -303,15 +304,29 @@ class ChunkIndex:
         key = _key(self.group, f"{array}/{chunk}")
         if self._local:
             return os.path.exists(os.path.join(self.group.store.root, key))
-        listed = self._listed.get(array)
-        if listed is None or chunk not in listed:
-            prefix = _key(self.group, f"{array}/")
+        if chunk in self._listed.get(array, ()):
+            return True
+        self._listed[array] = listed = self._list(_key(self.group, f"{array}/"))
+        return chunk in listed or bool(sync(self.group.store.exists(key)))
 
-            async def keys() -> list[str]:
-                return [k async for k in self.group.store.list_prefix(prefix)]
+    def _list(self, prefix: str) -> frozenset[str]:
+        async def keys() -> list[str]:
+            return [k async for k in self.group.store.list_prefix(prefix)]
 
-            listed = self._listed[array] = frozenset(k[len(prefix) :] for k in sync(keys()))
-        return chunk in listed
+        try:
+            return frozenset(k[len(prefix) :] for k in sync(keys()) if k.startswith(prefix))
+        except (NotImplementedError, OSError, ValueError):
+            return frozenset()
+
+
+def disk_usage(path: str | os.PathLike[str]) -> int:
+    """Bytes in the files below a local path."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, f))
+    return total
 
 
 def stored_bytes(group: zarr.Group, prefix: str = "") -> int:
@@ -319,12 +334,7 @@ def stored_bytes(group: zarr.Group, prefix: str = "") -> int:
     store = group.store
     key = _key(group, prefix).rstrip("/")
     if isinstance(store, zarr.storage.LocalStore):
-        total = 0
-        for root, _, files in os.walk(os.path.join(store.root, key)):
-            for f in files:
-                with contextlib.suppress(OSError):
-                    total += os.path.getsize(os.path.join(root, f))
-        return total
+        return disk_usage(os.path.join(store.root, key))
     if isinstance(store, zarr.storage.FsspecStore):  # one listing with sizes, not a HEAD per key
         found = sync(store.fs._find(f"{store.path}/{key}".rstrip("/"), detail=True, withdirs=False))
         return sum(int(v.get("size") or 0) for v in found.values())
