@@ -291,7 +291,7 @@ class ChunkIndex:
 
     On disk: one ``stat`` per chunk file. On an object store: one listing per array (a HEAD
     request per chunk would double the requests of a scan), listed again when a chunk is not
-    in it, and a chunk still missing is asked for by name (stores that cannot list, e.g. HTTP).
+    in it; stores that cannot list (e.g. HTTP) are asked for each chunk by name.
     """
 
     def __init__(self, group: zarr.Group) -> None:
@@ -307,7 +307,9 @@ class ChunkIndex:
         if chunk in self._listed.get(array, ()):
             return True
         self._listed[array] = listed = self._list(_key(self.group, f"{array}/"))
-        return chunk in listed or bool(sync(self.group.store.exists(key)))
+        if listed:  # a fresh listing (it holds the array's zarr.json at least) is the truth
+            return chunk in listed
+        return bool(sync(self.group.store.exists(key)))  # a store that cannot list
 
     def _list(self, prefix: str) -> frozenset[str]:
         async def keys() -> list[str]:
