@@ -1,9 +1,9 @@
 """Stores on object storage: a real S3-compatible server (moto's, started here on 127.0.0.1)
-reached through s3fs and zarr's FsspecStore; record, verify, bit-exact replay, explain, a kill -9
-mid-run, a missing object, and a dask LocalCluster of worker processes reading the bucket.
+reached through s3fs and zarr's FsspecStore; record, verify, bit-exact replay, explain, a block
+cut off mid-write, a lost object, and a dask LocalCluster of worker processes reading the bucket.
 
-s3fs, moto and flask come with the ``s3`` extra (in ``dev``): without them these tests fail at
-import instead of being skipped.
+s3fs comes with the ``s3`` extra, moto and flask with ``test-s3`` (both in ``dev``): without
+them these tests fail at import instead of being skipped.
 """
 
 from __future__ import annotations
