@@ -86,7 +86,7 @@ def demo_cmd(
 
 
 @main.command("explain")
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store")  # a local path or a store URL (s3://..., credentials from the env)
 @click.option(
     "--model",
     "model_spec",

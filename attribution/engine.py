@@ -242,11 +242,16 @@ class Engine:
         weights: str = "store",
         train_data: Any = None,
         loss_fn: Callable[..., torch.Tensor] | None = None,
+        storage_options: dict[str, Any] | None = None,
         **method_options: Any,
     ) -> None:
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-        self.store = store if isinstance(store, HistoryStore) else open_store(store)
+        self.store = (
+            store
+            if isinstance(store, HistoryStore)
+            else open_store(store, storage_options=storage_options)
+        )
         self.model = model
         self.weights = weights
         if weights == "store":
@@ -526,8 +531,9 @@ class Engine:
         )
 
     def _run_distributed(self, ctx: ExplainContext, names: list[str], bar: tqdm) -> list[Any]:
-        """Ranges as tasks on a dask.distributed cluster; workers open the store by path and
-        pick their own device; partial states come back on the CPU."""
+        """Ranges as tasks on a dask.distributed cluster; workers reopen the store by its path
+        or URL (a HistoryStore pickles as path + storage_options) and pick their own device;
+        partial states come back on the CPU."""
         from distributed import Client, as_completed
 
         own = not isinstance(self.scheduler, Client)
@@ -539,7 +545,7 @@ class Engine:
             futures = [
                 client.submit(
                     _scan_range,
-                    self.store.path,
+                    self.store,
                     self.method,
                     ctx_f,
                     a,
@@ -756,10 +762,12 @@ def explain(
     weights: str = "store",
     train_data: Any = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> AttributionResult:
     """Explain the model's predictions on ``test_x`` from the recorded training history.
 
-    store: a path or an open :class:`HistoryStore`. model: the trained architecture; its
+    store: a path, a store URL (``s3://bucket/run.zarr``; ``storage_options`` go to its fsspec
+    filesystem) or an open :class:`HistoryStore`. model: the trained architecture; its
     weights are replaced in place by the store's θ_T and buffers, and a model that does not
     match the store raises :class:`~historystore.errors.ModelMismatchError`.
     weights: "store" (as just said) or "model": keep the model's own weights and buffers for
@@ -774,9 +782,9 @@ def explain(
     the store's blocks). scheduler: None/"threads" runs independent step ranges on dask threads
     (``num_workers`` at once; default: a few on a GPU, on CPU the cores torch's own pool
     leaves free, which on most machines means one prefetching scan), "sync" one sequential
-    scan, or a ``dask.distributed.Client`` / scheduler address (workers must see the store's
-    path). train_data/loss_fn: the training set by recorded id (a torch Dataset or a callable
-    ids -> (x, y)) and the training loss (default cross-entropy), for the path methods
+    scan, or a ``dask.distributed.Client`` / scheduler address (workers must reach the store's
+    path or URL). train_data/loss_fn: the training set by recorded id (a torch Dataset or a
+    callable ids -> (x, y)) and the training loss (default cross-entropy), for the path methods
     ("tracin", "epk"). scores_path: also write the full per-example scores [n_test,
     num_train] of each layer to this zarr group (γ as ``<layer>``, the cosine as
     ``<layer>@cosine``), one test batch at a time.
@@ -800,6 +808,7 @@ def explain(
         weights=weights,
         train_data=train_data,
         loss_fn=loss_fn,
+        storage_options=storage_options,
         **options,
     )
     return engine.explain(test_x, test_batch_size=test_batch_size, scores_path=scores_path)
@@ -823,6 +832,7 @@ def self_influence(
     progress: bool = True,
     weights: str = "store",
     method_options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Self-influence of training examples: {layer: [n] float64}, high = suspicious.
 
@@ -850,6 +860,7 @@ def self_influence(
         prefetch=prefetch,
         progress=progress,
         weights=weights,
+        storage_options=storage_options,
         **options,
     )
     return engine.self_influence(train_x, ids, score=score, test_batch_size=test_batch_size)

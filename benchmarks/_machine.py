@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 # bytes on disk below a path: the same walk ``historystore.meta.info.info`` reports as "stored"
-from historystore.meta.info import _du as du
+from historystore.meta.layout import disk_usage as du
 
 MB = 1e6
 _CHUNK = 8 << 20  # bytes written / read per call

@@ -2,7 +2,8 @@
 
 The writer rewrites it in one metadata write after all of a block's data (see
 ``historystore.write.writer``), so a SIGKILL leaves every committed step intact and nothing
-half-written visible.
+half-written visible. That write is one file (replaced atomically by LocalStore's rename) or
+one object (an atomic PUT on S3/GCS, which have no rename).
 """
 
 from __future__ import annotations

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -13,15 +11,6 @@ import zarr
 from ..read.store import HistoryStore, open_store
 from . import layout
 from .validate import expected_arrays
-
-
-def _du(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.path.getsize(os.path.join(root, f))
-    return total
 
 
 def committed_arrays(store: HistoryStore) -> dict[str, int]:
@@ -33,9 +22,10 @@ def _row_bytes(arr: zarr.Array) -> int:
     return int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
 
 
-def info(path: str) -> dict[str, Any]:
-    """A JSON-able summary: steps, tensors with encodings/codecs, keyframes, bytes raw/stored."""
-    store = open_store(path)
+def info(path: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-able summary: steps, tensors with encodings/codecs, keyframes, bytes raw/stored
+    (bytes on disk, or the objects' sizes in a bucket)."""
+    store = open_store(path, storage_options=storage_options)
     m = store.meta
     tensors_out = []
     errors = store.encoding_error()
@@ -45,7 +35,7 @@ def info(path: str) -> dict[str, Any]:
         for a in store.encodings[t.name].arrays():
             p = layout.param_path(t.name, a)
             encoded_paths.add(p)
-            stored += _du(os.path.join(path, p))
+            stored += layout.stored_bytes(store.group, p)
         dense_raw = store.num_steps * t.nbytes
         err = {}
         for j, what in enumerate(("delta", "theta")):
@@ -76,11 +66,11 @@ def info(path: str) -> dict[str, Any]:
     for p, rows in committed_arrays(store).items():
         if p not in encoded_paths:
             raw_total += rows * _row_bytes(store.group[p])
-    stored_total = _du(path)
+    stored_total = layout.stored_bytes(store.group)
     nf = store.nonfinite()
     bad_steps = np.flatnonzero(nf.sum(axis=1)) if nf.size else np.zeros(0, dtype=np.int64)
     return {
-        "path": path,
+        "path": store.path,
         "num_steps": store.num_steps,
         "schema_version": m.schema_version,
         "library_version": m.library_version,

@@ -23,13 +23,18 @@ anyone who opens it with plain ``zarr.open_group``::
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+import zarr.storage
+from zarr.core.sync import sync
 
 from .._version import __version__
 from ..errors import NotAStoreError
@@ -188,12 +193,144 @@ def chunk_steps_for(step_bytes: int, steps_per_block: int, chunk_bytes: int) -> 
     return best
 
 
-def open_group(path: str, mode: str = "r") -> zarr.Group:
-    """Open a zarr v3 group, turning 'nothing there' into NotAStoreError."""
+StorageOptions = dict[str, Any] | None
+
+
+def is_url(path: str) -> bool:
+    """True for an fsspec URL (``s3://``, ``gs://``, ``memory://``, chained ``a::b``): zarr's
+    own rule for choosing FsspecStore over LocalStore."""
+    return "://" in path or "::" in path
+
+
+def local_path(path: str | os.PathLike[str]) -> str:
+    """``file:///x`` becomes ``/x``: the local filesystem is opened with zarr's LocalStore,
+    which replaces each file atomically (fsspec's local filesystem writes in place)."""
+    path = os.fspath(path)
+    if path.startswith("file://") and "::" not in path:
+        return path[len("file://") :]
+    return path
+
+
+def is_local(path: str | os.PathLike[str]) -> bool:
+    return not is_url(local_path(path))
+
+
+def open_group(
+    path: str | os.PathLike[str], mode: str = "r", storage_options: StorageOptions = None
+) -> zarr.Group:
+    """Open a zarr v3 group at a local path or a store URL, turning 'nothing there' into
+    NotAStoreError.
+
+    URLs go through zarr's FsspecStore (``storage_options`` reach the fsspec filesystem:
+    credentials, ``client_kwargs={"endpoint_url": ...}``); local paths use LocalStore.
+    """
+    path = local_path(path)
+    if storage_options and not is_url(path):
+        raise ValueError(
+            f"storage_options are for store URLs (s3://, gs://, memory://, ...), not the "
+            f"local path {path!r}"
+        )
+    kwargs = {"storage_options": storage_options} if is_url(path) else {}
     try:
-        group = zarr.open_group(path, mode=mode, zarr_format=3)
+        group = zarr.open_group(path, mode=mode, zarr_format=3, **kwargs)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, TypeError) as e:
         raise NotAStoreError(
             f"{path} is not a historystore (cannot open a zarr v3 group: {e})"
         ) from e
+    except ImportError as e:  # e.g. s3fs / gcsfs not installed
+        raise NotAStoreError(f"{path}: no filesystem for this URL ({e})") from e
     return group
+
+
+def exists(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> bool:
+    """Whether anything is stored at ``path`` (a non-empty directory, a file, or any key under
+    the URL's prefix)."""
+    path = local_path(path)
+    if not is_url(path):
+        p = Path(path)
+        return any(p.iterdir()) if p.is_dir() else p.exists()
+    store = _fsspec_store(path, storage_options)
+    return not sync(store.is_empty(""))
+
+
+def _fsspec_store(
+    path: str, storage_options: StorageOptions, read_only: bool = False
+) -> zarr.storage.FsspecStore:
+    try:
+        return zarr.storage.FsspecStore.from_url(
+            path, storage_options=storage_options, read_only=read_only
+        )
+    except ImportError as e:
+        raise NotAStoreError(f"{path}: no filesystem for this URL ({e})") from e
+
+
+def read_only_store(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> Any:
+    """The raw zarr store under a path or URL, read-only (metadata validation reads keys from
+    it before zarr parses anything)."""
+    path = local_path(path)
+    if is_url(path):
+        return _fsspec_store(path, storage_options, read_only=True)
+    return zarr.storage.LocalStore(path, read_only=True)
+
+
+def _key(group: zarr.Group, key: str) -> str:
+    root = group.store_path.path
+    return f"{root}/{key}" if root else key
+
+
+class ChunkIndex:
+    """Which chunk files/objects of a group's arrays are stored (zarr reads a missing chunk as
+    zeros, so truncation checks must ask the store).
+
+    On disk: one ``stat`` per chunk file. On an object store: one listing per array (a HEAD
+    request per chunk would double the requests of a scan), listed again when a chunk is not
+    in it; stores that cannot list (e.g. HTTP) are asked for each chunk by name.
+    """
+
+    def __init__(self, group: zarr.Group) -> None:
+        self.group = group
+        self._local = isinstance(group.store, zarr.storage.LocalStore)
+        self._listed: dict[str, frozenset[str]] = {}
+
+    def exists(self, array: str, chunk: str) -> bool:
+        """Whether chunk key ``chunk`` (e.g. ``c/3/0``) of the array at ``array`` is stored."""
+        key = _key(self.group, f"{array}/{chunk}")
+        if self._local:
+            return os.path.exists(os.path.join(self.group.store.root, key))
+        if chunk in self._listed.get(array, ()):
+            return True
+        self._listed[array] = listed = self._list(_key(self.group, f"{array}/"))
+        if listed:  # a fresh listing (it holds the array's zarr.json at least) is the truth
+            return chunk in listed
+        return bool(sync(self.group.store.exists(key)))  # a store that cannot list
+
+    def _list(self, prefix: str) -> frozenset[str]:
+        async def keys() -> list[str]:
+            return [k async for k in self.group.store.list_prefix(prefix)]
+
+        try:
+            return frozenset(k[len(prefix) :] for k in sync(keys()) if k.startswith(prefix))
+        except (NotImplementedError, OSError, ValueError):
+            return frozenset()
+
+
+def disk_usage(path: str | os.PathLike[str]) -> int:
+    """Bytes in the files below a local path."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def stored_bytes(group: zarr.Group, prefix: str = "") -> int:
+    """Bytes stored under ``prefix`` of the group (disk usage, or object sizes in a bucket)."""
+    store = group.store
+    key = _key(group, prefix).rstrip("/")
+    if isinstance(store, zarr.storage.LocalStore):
+        return disk_usage(os.path.join(store.root, key))
+    if isinstance(store, zarr.storage.FsspecStore):  # one listing with sizes, not a HEAD per key
+        found = sync(store.fs._find(f"{store.path}/{key}".rstrip("/"), detail=True, withdirs=False))
+        return sum(int(v.get("size") or 0) for v in found.values())
+    return int(sync(store.getsize_prefix(key)))

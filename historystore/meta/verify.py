@@ -11,6 +11,7 @@ on decode).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -50,11 +51,14 @@ class VerifyReport:
         return f"FAILED {self.path}: {self.problems[0]}"
 
 
-def verify(path: str, progress: bool = False) -> VerifyReport:
-    """Check a store end to end; never raises for a damaged store (the report says why)."""
+def verify(
+    path: str, progress: bool = False, *, storage_options: dict[str, Any] | None = None
+) -> VerifyReport:
+    """Check a store (a local path or a store URL) end to end; never raises for a damaged store
+    (the report says why)."""
     report = VerifyReport(str(path))
     try:
-        _verify(str(path), report, progress)
+        _verify(layout.local_path(path), report, progress, storage_options)
     except HistoryStoreError as e:
         report.fail(str(e))
     except Exception as e:  # a verdict, never a traceback (the fault tests assert it is unused)
@@ -62,15 +66,18 @@ def verify(path: str, progress: bool = False) -> VerifyReport:
     return report
 
 
-def _verify(path: str, report: VerifyReport, progress: bool) -> None:
-    holder = lock_holder(path)
+def _verify(
+    path: str, report: VerifyReport, progress: bool, storage_options: dict[str, Any] | None
+) -> None:
+    holder = lock_holder(path) if layout.is_local(path) else None
     if holder:
         report.notes.append(
             f"{describe_holder(holder)} is recording into this store: steps after its last "
             "commit are not checked"
         )
-    checked = validate_store(path, all_files=True)
-    store = HistoryStore(path, layout.open_group(path, mode="r"), checked.meta, checked.commit)
+    checked = validate_store(path, layout.read_only_store(path, storage_options), all_files=True)
+    group = layout.open_group(path, mode="r", storage_options=storage_options)
+    store = HistoryStore(path, group, checked.meta, checked.commit, storage_options=storage_options)
     report.num_steps = store.num_steps
     arrays = {p: spec.rows for p, spec in checked.arrays.items()}
     try:

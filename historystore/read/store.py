@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,13 +77,23 @@ class StepBlock:
 class HistoryStore:
     """A recorded training history (read-only)."""
 
-    def __init__(self, path: str, group: zarr.Group, meta: RunMeta, commit: Commit) -> None:
+    def __init__(
+        self,
+        path: str,
+        group: zarr.Group,
+        meta: RunMeta,
+        commit: Commit,
+        *,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.path = path
+        self.storage_options = storage_options
         self.group = group
         self.meta = meta
         self.commit = commit
         self.num_steps = commit.num_steps
         self._present: set[str] = set()
+        self._chunks = layout.ChunkIndex(group)
         self.tensor_names = [t.name for t in meta.tensors]
         self._index = {t.name: i for i, t in enumerate(meta.tensors)}
         self.encodings: dict[str, Encoding] = {
@@ -132,7 +143,7 @@ class HistoryStore:
             key = f"{path}/c/{i}{tail}"
             if key in self._present:
                 continue
-            if not os.path.exists(os.path.join(self.path, key)):
+            if not self._chunks.exists(path, key[len(path) + 1 :]):
                 raise CorruptStoreError(
                     f"{self.path}: chunk file {key!r} (rows {i * per_file}-"
                     f"{(i + 1) * per_file - 1}) is missing: the store is truncated"
@@ -573,6 +584,19 @@ class HistoryStore:
         """[steps, tensors] NaN/inf counts of the deltas."""
         return self._read("steps/nonfinite", 0, self.num_steps)
 
+    def to_xarray(self, names: Sequence[str] | None = None) -> Any:
+        """The history as a lazy ``xarray.Dataset`` with named dimensions (``step``,
+        ``keyframe``, ``sample``, ``<tensor>.dim<i>``): ``delta.<tensor>``,
+        ``keyframe.<tensor>``, ``optim.<tensor>.<key>``, per-step scalars, ids and labels,
+        cut to the committed steps (needs the ``xarray`` extra)."""
+        from .views import to_xarray
+
+        return to_xarray(self, None if names is None else list(names))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as (path, storage_options): a dask worker reopens the store itself."""
+        return (_reopen, (self.path, self.storage_options))
+
     def __repr__(self) -> str:
         return (
             f"HistoryStore({self.path!r}, steps={self.num_steps}, "
@@ -585,6 +609,10 @@ def block_device(block: StepBlock) -> torch.device:
     for d in block.deltas.values():
         return d.device
     return torch.device("cpu")
+
+
+def _reopen(path: str, storage_options: dict[str, Any] | None) -> HistoryStore:
+    return open_store(path, storage_options=storage_options)
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:
@@ -613,12 +641,19 @@ def _apply_fixes(
         th.view(-1).view(it)[idx] = bits
 
 
-def open_store(path: str | os.PathLike[str]) -> HistoryStore:
-    """Open a historystore for reading (raises NotAStoreError / SchemaVersionError)."""
-    path = str(path)
-    if not os.path.exists(path):
+def open_store(
+    path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> HistoryStore:
+    """Open a historystore for reading (raises NotAStoreError / SchemaVersionError).
+
+    ``path``: a local path or any zarr store URL (``s3://bucket/run.zarr``, ``gs://…``,
+    ``memory://…``); ``storage_options`` go to the URL's fsspec filesystem (credentials,
+    ``client_kwargs={"endpoint_url": ...}``).
+    """
+    path = layout.local_path(path)
+    if layout.is_local(path) and not os.path.exists(path):
         raise NotAStoreError(f"{path} does not exist")
     # every zarr.json a reader uses is checked before zarr parses it or data is read
-    checked = validate_store(path)
-    group = layout.open_group(path, mode="r")
-    return HistoryStore(path, group, checked.meta, checked.commit)
+    checked = validate_store(path, layout.read_only_store(path, storage_options))
+    group = layout.open_group(path, mode="r", storage_options=storage_options)
+    return HistoryStore(path, group, checked.meta, checked.commit, storage_options=storage_options)

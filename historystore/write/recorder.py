@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from .. import tensors
 from ..config import RecorderConfig
@@ -109,7 +108,9 @@ class Recorder:
 
     ``rec.step`` must follow every ``optimizer.step()`` exactly once. ``resume=True`` appends
     to an existing store; restore the model and optimizer first with
-    ``open_store(path).restore(model, optimizer)``.
+    ``open_store(path).restore(model, optimizer)``. ``path`` may be a store URL
+    (``s3://bucket/run.zarr``, ``memory://run``); ``storage_options`` go to its fsspec
+    filesystem.
     """
 
     def __init__(
@@ -122,8 +123,10 @@ class Recorder:
         run_config: dict[str, Any] | None = None,
         resume: bool = False,
         overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
-        self.path = str(path)
+        self.path = layout.local_path(path)
+        self.storage_options = storage_options
         self.model = model
         self.optimizer = optimizer
         self.config = config or RecorderConfig()
@@ -216,14 +219,16 @@ class Recorder:
         return self
 
     def _create_new(self) -> None:
-        p = Path(self.path)
-        if p.exists() and any(p.iterdir()) if p.is_dir() else p.exists():
+        if layout.exists(self.path, self.storage_options):
             if not self.overwrite:
                 raise RecorderError(
                     f"{self.path} already exists; pass resume=True to append to it or "
                     "overwrite=True to replace it"
                 )
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            p = Path(self.path)
+            if layout.is_local(self.path):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            # a URL: zarr's mode "w" below deletes every key under the prefix
         cfg = self.config
         step_bytes = sum(p.numel() * p.element_size() for _, p in self._params)
         if cfg.optimizer_state == "every_step":
@@ -272,7 +277,7 @@ class Recorder:
             config=self.run_config,
             recorder={**cfg.to_json(), "steps_per_block": spb},
         )
-        self._group = zarr.open_group(self.path, mode="w", zarr_format=3)
+        self._group = layout.open_group(self.path, "w", self.storage_options)
         self._group.update_attributes({layout.ATTR_KEY: self.meta.to_json()})
         create_layout(self._group, self.meta, spb)
         self._commit = Commit()
@@ -280,7 +285,7 @@ class Recorder:
     def _open_existing(self) -> None:
         from ..read.store import open_store
 
-        store = open_store(self.path)
+        store = open_store(self.path, storage_options=self.storage_options)
         self.meta = store.meta
         recorded = [(t.name, t.shape, t.dtype) for t in self.meta.tensors]
         current = [(n, tuple(p.shape), tensors.dtype_name(p.dtype)) for n, p in self._params]
@@ -315,7 +320,7 @@ class Recorder:
                 f"the model lacks the recorded buffers/untrained parameters {missing}"
             )
         self._buffers = [(n, current_bufs[n]) for n in stored]  # the store's list decides
-        self._group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        self._group = layout.open_group(self.path, "r+", self.storage_options)
         self._commit = store.commit
         self._last_keyframe = int(store.keyframe_steps[-1])
 

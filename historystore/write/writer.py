@@ -5,7 +5,10 @@ overlaps training; the bounded queue turns a slow disk into backpressure instead
 memory. Why the commit marker last: zarr's LocalStore replaces each chunk/shard file
 atomically, but a block touches many files; readers trust only ``/commit``, which is rewritten
 after all of a block's data, so a SIGKILL leaves every committed step intact and nothing
-half-written visible. One writer per store (shards are never written concurrently).
+half-written visible. Object stores (s3://, gs://) have no rename, but each PUT of an object
+is atomic and the commit record is one object (``commit/zarr.json``) written last: the same
+order gives the same guarantee there. One writer per store (shards are never written
+concurrently).
 """
 
 from __future__ import annotations
