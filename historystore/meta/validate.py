@@ -119,6 +119,11 @@ class _Reader:
     def __init__(self, path: str, store: Any | None = None) -> None:
         self.path = path
         self.store = store if store is not None else zarr.storage.LocalStore(path, read_only=True)
+        fs = getattr(self.store, "fs", None)  # an fsspec filesystem (object stores)
+        if fs is not None:
+            # fsspec shares one filesystem per set of options and caches its listings: another
+            # handle may have written since, and a stale listing would report live chunks lost
+            fs.invalidate_cache()
 
     def json(self, key: str, missing: Callable[[], Exception]) -> dict[str, Any]:
         try:
