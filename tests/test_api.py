@@ -65,14 +65,22 @@ def record_mislabeled(path: Path, digits: Digits, n: int = 400, planted: int = 8
     return x, y, bad
 
 
+@pytest.fixture(scope="session")
+def mislabeled(
+    tmp_path_factory: pytest.TempPathFactory, digits: Digits
+) -> tuple[Path, torch.Tensor, torch.Tensor, np.ndarray]:
+    """The run of :func:`record_mislabeled` (shared with tests/test_quanda.py)."""
+    path = tmp_path_factory.mktemp("mislabeled") / "run.zarr"
+    return (path, *record_mislabeled(path, digits))
+
+
 # -- self-influence ----------------------------------------------------------------------------
 
 
 def test_self_influence_ranks_planted_mislabeled_examples_first(
-    tmp_path: Path, digits: Digits
+    mislabeled: tuple[Path, torch.Tensor, torch.Tensor, np.ndarray], tmp_path: Path
 ) -> None:
-    path = tmp_path / "mislabeled.zarr"
-    x, _y, bad = record_mislabeled(path, digits)
+    path, x, _y, bad = mislabeled
     store = hs.open_store(path)
     assert store.meta.tensor("fc1.weight").encoding == "factors"  # exact split there
     assert store.meta.tensor("fc2.weight").encoding == "full"  # equal split there
