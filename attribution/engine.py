@@ -575,13 +575,17 @@ class Engine:
         test_batch_size: int = 64,
         scores_path: str | os.PathLike[str] | None = None,
         on_scores: ScoresCallback | None = None,
+        *,
+        keep_arrays: bool = True,
     ) -> AttributionResult:
         """Explain every test point; one pass over the store per batch of test points.
 
         The method's full per-example scores (preactivation: ``keep_scores=True``) go to
         ``scores_path`` (a zarr group: array ``<layer>`` for γ, ``<layer>@cosine`` for the
         cosine) and/or to ``on_scores(layer, kind, scores [b, num_train], first_row)``, one test
-        batch at a time; they are never held for all test points at once.
+        batch at a time; they are never held for all test points at once. ``keep_arrays=False``
+        drops each batch's other arrays too (the result then has no layers): memory stays
+        bounded by one test batch however many points stream through, e.g. a training set.
         """
         x = torch.as_tensor(test_x)
         if x.dim() == 0 or len(x) == 0:
@@ -605,7 +609,7 @@ class Engine:
         try:
             for b0, b1 in batches:
                 ctx, y = self._context(x[b0:b1])
-                if isinstance(y, torch.Tensor):
+                if keep_arrays and isinstance(y, torch.Tensor):
                     outputs.append(y.detach().float().cpu().numpy())
                 state = self._run(ctx, bar)
                 arrays = self.method.finalize(state, ctx)
@@ -625,8 +629,9 @@ class Engine:
                         f"method {self.method.name!r} produced no per-example scores for "
                         f"{where} (for the preactivation method: keep_scores=True)"
                     )
-                parts.append(arrays)
-                del state, ctx
+                if keep_arrays:
+                    parts.append(arrays)
+                del state, ctx, arrays
         finally:
             bar.close()
         seconds = time.perf_counter() - t0
@@ -636,7 +641,7 @@ class Engine:
             "test_batches": float(len(batches)),
         }
         glob = dict(self.method.global_arrays())
-        if outputs and len(outputs) == len(batches):
+        if keep_arrays and outputs and len(outputs) == len(batches):
             glob["outputs"] = np.concatenate(outputs)
         attrs = {
             **self.method.attrs(),
@@ -733,7 +738,7 @@ class Engine:
             ok = inside[row : row + len(s)]
             d[row : row + len(s)][ok] = -s[np.flatnonzero(ok), r[ok]].astype(np.float64)
 
-        self.explain(x, test_batch_size=test_batch_size, on_scores=take)
+        self.explain(x, test_batch_size=test_batch_size, on_scores=take, keep_arrays=False)
         if not out:
             raise ValueError(
                 f"method {self.method.name!r} gave no per-example {score!r} scores "

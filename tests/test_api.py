@@ -65,13 +65,19 @@ def record_mislabeled(path: Path, digits: Digits, n: int = 400, planted: int = 8
     return x, y, bad
 
 
+_MISLABELED: list[tuple[Path, torch.Tensor, torch.Tensor, np.ndarray]] = []
+
+
 @pytest.fixture(scope="session")
 def mislabeled(
     tmp_path_factory: pytest.TempPathFactory, digits: Digits
 ) -> tuple[Path, torch.Tensor, torch.Tensor, np.ndarray]:
-    """The run of :func:`record_mislabeled` (shared with tests/test_quanda.py)."""
-    path = tmp_path_factory.mktemp("mislabeled") / "run.zarr"
-    return (path, *record_mislabeled(path, digits))
+    """The run of :func:`record_mislabeled`, recorded once per session (tests/test_quanda.py
+    imports this fixture, which pytest then registers a second time: hence the cache)."""
+    if not _MISLABELED:
+        path = tmp_path_factory.mktemp("mislabeled") / "run.zarr"
+        _MISLABELED.append((path, *record_mislabeled(path, digits)))
+    return _MISLABELED[0]
 
 
 # -- self-influence ----------------------------------------------------------------------------
@@ -123,6 +129,21 @@ def test_self_influence_ranks_planted_mislabeled_examples_first(
     engine = Engine(path, WideMLP(), progress=False)  # keep_scores not set: a clear error
     with pytest.raises(ValueError, match="keep_scores=True"):
         engine.self_influence(x[:2])
+    # on_scores streams the same rows; keep_arrays=False keeps nothing else
+    got: dict[tuple[str, str, int], np.ndarray] = {}
+    streamed = Engine(path, WideMLP(), progress=False, keep_scores=True).explain(
+        x[rows],
+        test_batch_size=2,
+        keep_arrays=False,
+        on_scores=lambda layer, kind, s, row: got.__setitem__((layer, kind, row), s),
+    )
+    assert streamed.layer_names == [] and "outputs" not in streamed.arrays
+    for layer in ("fc1", "fc2"):
+        for kind, name in (("gamma", layer), ("cosine", f"{layer}@cosine")):
+            full = zarr.open_array(str(tmp_path / "s.zarr" / name), mode="r")[:]
+            rows_ = np.concatenate([got[(layer, kind, r)] for r in (0, 2, 4)])
+            scale = np.abs(full).max()  # batches of 2, not 5: other float32 GEMM blocking
+            np.testing.assert_allclose(rows_, full, rtol=1e-5, atol=1e-6 * scale)
 
 
 # -- per-example cosine ------------------------------------------------------------------------
