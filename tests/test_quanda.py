@@ -16,7 +16,7 @@ from .test_api import WideMLP, mislabeled  # noqa: F401 (the session fixture)
 
 
 def test_quanda_mislabeling_detection_on_self_influence(mislabeled) -> None:  # noqa: F811
-    # quanda after the adapter: it makes torchvision importable next to a CPU-only torch
+    # quanda after the adapter: it gives quanda placeholders where torchvision is missing
     from quanda.explainers import RandomExplainer
     from quanda.metrics.downstream_eval import MislabelingDetectionMetric
 

@@ -29,10 +29,11 @@ model's weights for the test side; ``weights="store"`` loads θ_T from the store
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
-import warnings
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,49 +43,96 @@ import torch
 from ..engine import Engine
 from ..methods.base import AttributionMethod
 
-_TORCHVISION_OPS: list[torch.library.Library] = []  # kept alive: dropping them unregisters
+_PLACEHOLDER_MODULES = (
+    "torchvision",
+    "torchvision.transforms",
+    "torchvision.models",
+    "torchvision.models.resnet",
+)
 
 
-def _import_torchvision() -> None:
-    """Import torchvision even where its compiled operators cannot load.
+def _placeholder_module(name: str) -> types.ModuleType:
+    """A stand-in for a torchvision module: any attribute is a class that can be named,
+    subclassed and (for transforms) constructed, and raises ImportError when used."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, origin="placeholder")
+    module.__path__ = []  # a package, so that its submodules resolve
+    why = (
+        f"{name} is not installed: quanda's benchmark models and transforms need it, its "
+        "metrics (and HistoryExplainer) do not"
+    )
+    models = name.startswith("torchvision.models")
 
-    quanda imports torchvision (for its ResNet benchmarks). A PyPI torchvision wheel is built
-    against PyPI's CUDA torch; next to a CPU-only torch build (this project's CI) its C++
-    operators cannot load, and torchvision 0.2x then fails at import: two of its operator
-    registrations (``nms``, ``qnms``) are not guarded by ``torchvision.extension._has_ops()``
-    like the others. Declaring those two operator schemas (without kernels: calling them still
-    raises) lets the pure-Python rest import. Nothing here runs when torchvision imports
-    normally.
+    def missing(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise ImportError(why)
+
+    def construct(self: Any, *args: Any, **kwargs: Any) -> None:
+        torch.nn.Module.__init__(self)
+
+    def getattr_(attr: str) -> type:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        cls = type(
+            attr,
+            (torch.nn.Module,),
+            {"__init__": missing if models else construct, "__call__": missing},
+        )
+        setattr(module, attr, cls)
+        return cls
+
+    module.__getattr__ = getattr_  # type: ignore[method-assign]
+    return module
+
+
+def _import_quanda() -> None:
+    """Import quanda, whose package import pulls in torchvision only for its benchmark
+    resources (a ResNet-50 class, image transforms).
+
+    Without torchvision installed (as in this project's environment: PyPI's torchvision is
+    built against PyPI's CUDA torch and cannot load next to a CPU-only torch build, and an
+    installed but broken torchvision also breaks transformers, which imports it when present),
+    those two quanda modules get placeholder modules for the duration of ``import quanda``
+    only. The libraries in the same import that probe for torchvision (datasets,
+    transformers, accelerate) are imported and probed first, so they record "not installed",
+    which stays true; afterwards the placeholders leave ``sys.modules``. A working torchvision
+    is used as is.
     """
-    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is None:
+    if "quanda" in sys.modules:
         return
-    try:
-        import torchvision
-    except RuntimeError as e:
-        if "torchvision::" not in str(e) or "does not exist" not in str(e):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define(
-            "qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, "
-            "int zero_point) -> Tensor"
-        )
-        _TORCHVISION_OPS.append(lib)
-        import torchvision  # noqa: F401
+    if importlib.util.find_spec("torchvision") is not None:
+        try:
+            import torchvision  # noqa: F401
+        except Exception as e:
+            raise ImportError(
+                f"torchvision is installed but cannot be imported ({type(e).__name__}: {e}); "
+                "quanda imports it: install a torchvision built for this torch, or uninstall "
+                "it (quanda's metrics do not need it)"
+            ) from e
+        import quanda
 
-        warnings.warn(
-            f"torchvision's compiled operators do not load with this torch build ({e}); "
-            "imported without them (quanda's metrics do not use them)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        return
+    import datasets  # noqa: F401 (probes torchvision at import)
+    from accelerate.utils import is_torchvision_available as accelerate_probe
+    from transformers.utils import is_torchvision_available as transformers_probe
+
+    transformers_probe(), accelerate_probe()  # cached: "not installed"
+    placeholders = {n: _placeholder_module(n) for n in _PLACEHOLDER_MODULES}
+    for n, m in placeholders.items():
+        parent, _, child = n.rpartition(".")
+        if parent:
+            setattr(placeholders[parent], child, m)
+    sys.modules.update(placeholders)
+    try:
+        import quanda  # noqa: F401
+    finally:
+        for n, m in placeholders.items():
+            if sys.modules.get(n) is m:
+                del sys.modules[n]
 
 
 def _quanda_explainer_base() -> type:
-    _import_torchvision()
     try:
+        _import_quanda()
         from quanda.explainers import Explainer
     except ImportError as e:
         raise ImportError(
