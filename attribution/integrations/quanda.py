@@ -137,8 +137,8 @@ def _quanda_explainer_base() -> type:
     except ImportError as e:
         raise ImportError(
             "attribution.integrations.quanda needs quanda: pip install -c constraints.txt "
-            "-e '.[quanda]' and then pip install -c constraints.txt --no-deps quanda captum "
-            f"(see README): {e}"
+            "-e '.[quanda]', then pip install -c constraints.txt --no-deps quanda captum "
+            f"kronfluence (see README): {e}"
         ) from e
     return Explainer
 
