@@ -31,13 +31,7 @@ from ..errors import RecorderError
 from ..meta import layout
 from ..meta.commit import Commit
 from ..meta.layout import RunMeta
-
-
-@dataclass
-class Keyframe:
-    step: int
-    params: dict[str, np.ndarray]
-    buffers: dict[str, np.ndarray]
+from .keyframes import Keyframe
 
 
 @dataclass
@@ -245,8 +239,17 @@ def create_state_arrays(
 class BlockWriter:
     """Writes blocks in a background thread; errors are re-raised in the caller's thread."""
 
-    def __init__(self, group: zarr.Group, meta: RunMeta, commit: Commit, max_pending: int) -> None:
+    def __init__(
+        self,
+        group: zarr.Group,
+        meta: RunMeta,
+        commit: Commit,
+        max_pending: int,
+        init: Callable[[], None] | None = None,
+    ) -> None:
+        """``init`` runs first in the writer thread (creating a new store's arrays)."""
         self.group = group
+        self._init = init
         self.meta = meta
         self.commit = commit
         self._encodings = {
@@ -286,6 +289,13 @@ class BlockWriter:
 
     # -- writer thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        if self._init is not None:
+            try:
+                start = time.perf_counter()
+                self._init()
+                self.seconds_busy += time.perf_counter() - start
+            except BaseException as e:
+                self._error = e
         while True:
             block = self._queue.get()
             if block is None:
@@ -334,7 +344,7 @@ class BlockWriter:
                 aa = arr._async_array
                 stop = start + data.shape[0]
                 if aa.shape[0] < stop:
-                    await aa.resize((stop, *aa.shape[1:]))
+                    await aa.resize((_capacity(aa.shape[0], stop, per_file(arr)), *aa.shape[1:]))
                 await aa.setitem(slice(start, stop), data)
 
         async def put_all() -> None:
@@ -419,6 +429,19 @@ class BlockWriter:
         # between two of those writes would leave a commit that mixes two blocks' counts
         self.group["commit"].update_attributes({**new.__dict__, "updated": time.time()})
         self.commit = new
+
+
+def per_file(arr: zarr.Array) -> int:
+    """Rows per chunk file (a shard, or a chunk when the array is not sharded)."""
+    return int(arr.shards[0] if arr.shards else arr.chunks[0])
+
+
+def _capacity(rows: int, needed: int, unit: int) -> int:
+    """Rows to resize an array to: at least double (whole files), so that a resize, which
+    rewrites the array's zarr.json, happens O(log T) times instead of once per block. Rows
+    past the commit count are fill (zeros): readers and verify trust only ``/commit``."""
+    want = max(needed, 2 * rows)
+    return -(-want // unit) * unit
 
 
 def _count_nonfinite(block: np.ndarray) -> np.ndarray:
