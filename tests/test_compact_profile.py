@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from historystore.meta.inspect import info
 
 import historystore as hs
 from attribution.demo.data import Digits
+from historystore.meta.info import info
 
 from .conftest import Run, record_run
 

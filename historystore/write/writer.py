@@ -344,7 +344,7 @@ class BlockWriter:
                 aa = arr._async_array
                 stop = start + data.shape[0]
                 if aa.shape[0] < stop:
-                    await aa.resize((_capacity(aa.shape[0], stop, per_file(arr)), *aa.shape[1:]))
+                    await aa.resize((stop, *aa.shape[1:]))
                 await aa.setitem(slice(start, stop), data)
 
         async def put_all() -> None:
@@ -429,19 +429,6 @@ class BlockWriter:
         # between two of those writes would leave a commit that mixes two blocks' counts
         self.group["commit"].update_attributes({**new.__dict__, "updated": time.time()})
         self.commit = new
-
-
-def per_file(arr: zarr.Array) -> int:
-    """Rows per chunk file (a shard, or a chunk when the array is not sharded)."""
-    return int(arr.shards[0] if arr.shards else arr.chunks[0])
-
-
-def _capacity(rows: int, needed: int, unit: int) -> int:
-    """Rows to resize an array to: at least double (whole files), so that a resize, which
-    rewrites the array's zarr.json, happens O(log T) times instead of once per block. Rows
-    past the commit count are fill (zeros): readers and verify trust only ``/commit``."""
-    want = max(needed, 2 * rows)
-    return -(-want // unit) * unit
 
 
 def _count_nonfinite(block: np.ndarray) -> np.ndarray:
