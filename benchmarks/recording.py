@@ -10,6 +10,7 @@ optimizer state, beside the machine's limits: fsync'd write, memcpy, sequential 
 from __future__ import annotations
 
 import cProfile
+import itertools
 import json
 import math
 import os
@@ -50,9 +51,10 @@ Workloads (CPU, deterministic, seeded; the same batches with and without the rec
   labelled by a random teacher network), AdamW lr 1e-3, 150 steps of batch 64
 
 Configs: ``default`` = ``RecorderConfig()`` (optimizer state every step), ``no-state`` =
-``RecorderConfig(optimizer_state="none")``. Each workload runs training alone ("train") and
-under each config, interleaved (train, default, no-state, train, ...), ``--repeats`` times;
-figures are medians.
+``RecorderConfig(optimizer_state="none")``, ``compact`` = ``RecorderConfig.compact()`` (6-bit
+error-fed deltas, Adam's v as log8 codes, m derived on read; state recorded). Each workload
+runs training alone ("train") and under each config, interleaved (train, default, no-state,
+compact, train, ...), ``--repeats`` times; figures are medians.
 
 Measured:
 
@@ -74,6 +76,12 @@ Measured:
   page cache dropped and cached, and the default codec's single-thread encode/decode speed on
   real deltas of each workload.
 
+``--scale`` adds an AdamW MLP 2048-4096-4096-1024-10 (29.4 M parameters) on generated data,
+200 steps of batch 64, trained alone and recorded under ``compact`` (lossless would write
+29.4 M x 12 bytes = 353 MB per step, 70 GB in all: more than this machine's disk and time);
+it reports the peak RSS in each quarter of the run (bounded by the writer's queue, so flat),
+the writer's MB/s, the overhead, and the bytes on disk every 25 steps with a linear fit.
+
 ``--profile`` adds one cProfile'd recorded run per workload (at most 60 steps; profiling only
 inside ``rec.step``; its timings are not used elsewhere) and keeps the top functions in the JSON.
 
@@ -90,6 +98,7 @@ given, so that the committed results stay as they are.
 CONFIGS: dict[str, hs.RecorderConfig] = {
     "default": hs.RecorderConfig(),
     "no-state": hs.RecorderConfig(optimizer_state="none"),
+    "compact": hs.RecorderConfig.compact(),
 }
 
 
@@ -483,6 +492,142 @@ def machine_limits(tmp: Path, quick: bool, samples: dict[str, Any]) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------
+# scale: a >= 25 M-parameter model
+
+
+class _RSS:
+    """Samples this process's resident memory (``VmRSS``) every 50 ms in a thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append((time.perf_counter(), self.now()))
+
+    def __enter__(self) -> _RSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_scale(tmp: Path, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Train an AdamW MLP of >= 25 M parameters on generated data plain and recorded (compact
+    profile); peak RSS over the run's quarters, MB/s, overhead, bytes on disk per step."""
+    dims = [512, 1024, 1024, 256, 10] if quick else [2048, 4096, 4096, 1024, 10]
+    steps, batch, every = (24, 64, 4) if quick else (200, 64, 25)
+    x, y = _machine.teacher_data(dims[0], 4096)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randperm(len(y), generator=g)[:batch] for _ in range(steps)]
+    # quick: short blocks, so that some commit before the end (the disk figures need them)
+    cfg = hs.RecorderConfig.compact(steps_per_block=4) if quick else hs.RecorderConfig.compact()
+    out: dict[str, Any] = {"dims": dims, "steps": steps, "batch": batch, "config": "compact"}
+
+    def train(path: Path | None) -> dict[str, Any]:
+        torch.manual_seed(0)
+        model = _machine.MLP(dims)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        r: dict[str, Any] = {"num_params": sum(p.numel() for p in model.parameters())}
+        disk: list[tuple[int, int]] = []
+        step_s = 0.0
+        rss0 = _RSS.now()
+        with _RSS() as rss:
+            t_start = time.perf_counter()
+            rec = hs.Recorder(path, model, opt, cfg, overwrite=True) if path else None
+            if rec is not None:
+                rec.__enter__()
+                writer = rec._writer
+            marks = []
+            for t, idx in enumerate(batches):
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if rec is not None:
+                    t0 = time.perf_counter()
+                    rec.step(idx, labels=y[idx], loss=loss)
+                    step_s += time.perf_counter() - t0
+                    if (t + 1) % every == 0:
+                        assert path is not None
+                        disk.append((writer.commit.num_steps, _machine.du(path)))
+                marks.append(time.perf_counter())
+            if rec is not None:
+                rec.close()
+            r["wall_s"] = time.perf_counter() - t_start
+        r["rss_before_mb"] = rss0 / MB
+        quarters = [marks[int(q * (steps - 1) / 4)] for q in range(5)]
+        r["peak_rss_mb_by_quarter"] = [
+            max((m for ts, m in rss.samples if a <= ts <= b), default=0) / MB
+            for a, b in itertools.pairwise(quarters)
+        ]
+        r["peak_rss_mb"] = max((m for _, m in rss.samples), default=0) / MB
+        if rec is not None:
+            assert path is not None
+            r |= {
+                "rec_step_s": step_s,
+                "bytes_raw": float(writer.bytes_raw),
+                "writer_s": writer.seconds_busy,
+                "writer_mbps": writer.bytes_raw / writer.seconds_busy / MB,
+                "raw_per_wall_mbps": writer.bytes_raw / r["wall_s"] / MB,
+                "steps_per_block": rec.steps_per_block,
+                "disk_by_committed_steps": disk,
+                "disk_bytes_final": _machine.du(path),
+            }
+            pts = np.array([(a, b) for a, b in disk if a > 0], dtype=np.float64)
+            if len(pts) >= 2:
+                slope, icept = np.polyfit(pts[:, 0], pts[:, 1], 1)
+                fit = slope * pts[:, 0] + icept
+                ss = ((pts[:, 1] - pts[:, 1].mean()) ** 2).sum()
+                r["disk_bytes_per_step"] = float(slope)
+                r["disk_linear_r2"] = float(1 - ((pts[:, 1] - fit) ** 2).sum() / ss) if ss else 1.0
+                r["disk_bytes_per_param_step"] = float(slope) / r["num_params"]
+        return r
+
+    log(f"scale: MLP {'-'.join(map(str, dims))}, {steps} steps, training alone")
+    out["train"] = train(None)
+    log(f"scale: training alone {out['train']['wall_s']:.1f} s; recorded (compact)")
+    path = tmp / "scale.zarr"
+    out["recorded"] = train(path)
+    shutil.rmtree(path, ignore_errors=True)
+    out["num_params"] = out["train"]["num_params"]
+    out["overhead_wall"] = out["recorded"]["wall_s"] / out["train"]["wall_s"]
+    log(f"scale: recorded {out['recorded']['wall_s']:.1f} s")
+    return out
+
+
+def scale_table(sc: dict[str, Any]) -> str:
+    r, t = sc["recorded"], sc["train"]
+    q = ", ".join(f"{v:.0f}" for v in r["peak_rss_mb_by_quarter"])
+    qt = ", ".join(f"{v:.0f}" for v in t["peak_rss_mb_by_quarter"])
+    return (
+        f"scale: MLP {'-'.join(map(str, sc['dims']))} ({sc['num_params'] / 1e6:.1f} M params, "
+        f"AdamW), {sc['steps']} steps, {sc['config']} profile, {r['steps_per_block']} steps/block: "
+        f"train {t['wall_s']:.1f} s, recorded {r['wall_s']:.1f} s (x{sc['overhead_wall']:.2f}), "
+        f"rec.step {1e3 * r['rec_step_s'] / sc['steps']:.1f} ms/step; writer "
+        f"{r['writer_mbps']:.0f} MB/s busy, {r['raw_per_wall_mbps']:.0f} MB/s of the run; "
+        f"peak RSS per quarter of the run {q} MB (training alone {qt} MB); disk "
+        f"{r.get('disk_bytes_per_step', math.nan) / MB:.1f} MB/step = "
+        f"{r.get('disk_bytes_per_param_step', math.nan):.2f} B/param/step, linear fit R² "
+        f"{r.get('disk_linear_r2', math.nan):.4f}, {r['disk_bytes_final'] / MB:.0f} MB in all"
+    )
+
+
+# ------------------------------------------------------------------------------------------
 # output
 
 TIME_COLUMNS = [  # (header, key of the per-config dict, format, divisor)
@@ -582,6 +727,18 @@ def table(report: dict[str, Any]) -> str:
                 for kind, d in m["writer_parts"].items()
             )
             out.append(f"writer time {res['workload']} {cname}: {parts}")
+    for res in report["workloads"]:  # where the recorded run's extra seconds go
+        enc = lim["codec_on_deltas"].get(res["workload"], {}).get("encode_mbps", math.nan)
+        extra = []
+        for cname, m in res["configs"].items():
+            encode = m["bytes_raw"] / MB / enc if enc else math.nan
+            extra.append(
+                f"{cname} +{m['wall_s'] - res['train']['wall_s']:.2f} s: rec.step "
+                f"{m['step_s']:.2f} s on the training thread (wait {m['wait_s']:.2f}), close "
+                f"{m['close_s']:.2f}, writer busy {m['writer_s']:.2f} s beside training (encode "
+                f"≈ {encode:.2f} s at the codec's 1-thread speed, the rest zarr and files)"
+            )
+        out.append(f"where the time goes, {res['workload']}: " + "; ".join(extra))
     same = all(r["same_final_weights"] for r in report["workloads"])
     out.append(f"recording leaves training unchanged (same final weights): {same}")
     for res in report["workloads"]:
@@ -602,7 +759,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="override repeats per workload")
     ap.add_argument("--profile", action="store_true", help="cProfile rec.step once per workload")
     ap.add_argument("--tmp-dir", type=Path, default=None, help="where stores are written")
-    ap.add_argument("--only", default=None, help="comma-separated workload names")
+    ap.add_argument("--only", default=None, help="comma-separated workload names ('' for none)")
+    ap.add_argument(
+        "--scale", action="store_true", help="also record a >= 25 M-parameter model (~5 min)"
+    )
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = _machine.results_dir(args.quick) / "recording.json"
@@ -628,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hs-bench-recording-", dir=args.tmp_dir))
     try:
         wls = workloads(args.quick, args.repeats)
-        if args.only:
+        if args.only is not None:
             keep = set(args.only.split(","))
             wls = [w for w in wls if w.name in keep]
         samples = {}
@@ -637,6 +797,8 @@ def main(argv: list[str] | None = None) -> int:
             res = bench_workload(w, tmp, args.profile, 8 << 20 if args.quick else 32 << 20, log)
             samples[w.name] = res.pop("codec_on_deltas")
             report["workloads"].append(res)
+        if args.scale:
+            report["scale"] = bench_scale(tmp, args.quick, log)
         log("machine limits")
         report["machine_limits"] = machine_limits(tmp, args.quick, samples)
     finally:
@@ -646,7 +808,10 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds_total"] = time.perf_counter() - t_start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(_machine.plain_json(report), indent=1, allow_nan=False) + "\n")
-    print(table(report))
+    if report["workloads"]:
+        print(table(report))
+    if "scale" in report:
+        print(scale_table(report["scale"]))
     print(f"\nsaved {args.out}")
     return 0
 

@@ -21,7 +21,7 @@ import textwrap
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch import nn
 import historystore as hs
 from attribution.demo.data import load_digits
 from attribution.demo.model import DigitsCNN
+from historystore.config import COMPACT_CODEC
 from historystore.encodings import EncodingRule
 from historystore.meta.info import info
 
@@ -85,6 +86,11 @@ Measured per setting (deltas = the per-step arrays of every parameter tensor):
   steps with the largest γ; and for per-example scores s(e) = Σ_{t: e ∈ B_t} γ_t / |B_t| the
   Spearman over the training examples that were drawn and the top-10 overlap. Means over test
   points and layers (per layer in the JSON).
+* compact profile (``RecorderConfig.compact()``, all tensors, optimizer state recorded):
+  B/param/step = stored bytes of Δ + optimizer state per parameter per step (keyframes, 4
+  bytes per parameter every ``keyframe_every`` steps, apart); m err / v err: median relative
+  L2 error of the derived first moment and of the served second moment against the
+  optimizer's own state (kept every 10 steps during training); ρ as for every setting.
 * machine (``benchmarks/_machine.py``, shared with the other benchmarks): sequential read of
   a large file (page cache dropped), memcpy, one-thread encode/decode speed of the blosc/zstd
   presets on real deltas (plus the default preset with a 256 KiB Blosc block), and the share
@@ -127,9 +133,10 @@ def teacher_data(dim: int, n_train: int, seed: int = 0) -> Data:
 @dataclass
 class Setting:
     name: str
-    family: str  # lossless | rounded | svd | factors | projected
+    family: str  # lossless | rounded | svd | factors | projected | compact
     codec: str = DEFAULT_CODEC
     rules: tuple[EncodingRule, ...] = ()
+    profile: str = "lossless"  # "compact": RecorderConfig.compact(), optimizer state recorded
 
 
 @dataclass
@@ -174,6 +181,14 @@ def factors(batch: int) -> Setting:
 def projected(k: int) -> Setting:
     rule = EncodingRule("projected", {"k": k}, "*weight", min_numel=2 * k)
     return Setting(f"proj{k}", "projected", rules=(rule,))
+
+
+def compact(bits: int | None = None) -> Setting:
+    """The compact profile (all tensors, optimizer state included); ``bits`` overrides its
+    delta bits."""
+    rules = () if bits is None else (EncodingRule("quantized", {"bits": bits}),)
+    name = "compact" if bits is None else f"compact-{bits}bit"
+    return Setting(name, "compact", COMPACT_CODEC, rules, "compact")
 
 
 REFERENCE = lossless(DEFAULT_CODEC, "lossless-default")
@@ -221,7 +236,7 @@ def make_runs(quick: bool) -> list[Run]:
         small = [REFERENCE, lossless("none"), rounded(10), bf16(), svd(16), projected(1024)]
         small_sgd = [*small, factors(32)]
         big_dims, big_steps, big_n = [512, 1024, 512, 10], 20, 2048
-        big = [REFERENCE, bf16(), svd(16), projected(1024)]
+        big = [REFERENCE, bf16(), svd(16), projected(1024), compact()]
         big_sgd = [REFERENCE, factors(64), projected(1024)]
     else:
         small = full_settings(False, 32)
@@ -240,6 +255,8 @@ def make_runs(quick: bool) -> list[Run]:
             svd(64),
             projected(4096),
             projected(65536),
+            compact(),
+            compact(8),
         ]
     n_big = sum(a * b + b for a, b in itertools.pairwise(big_dims))
     return [
@@ -263,7 +280,7 @@ def make_runs(quick: bool) -> list[Run]:
             ["fc1", "fc2"],
             steps,
             32,
-            small,
+            [*small, compact(), *([] if quick else [compact(8)])],
         ),
         Run(
             "mlp-sgd",
@@ -326,12 +343,35 @@ def train_baseline(run: Run, data: Data) -> tuple[float, dict[str, torch.Tensor]
     return time.perf_counter() - t0, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def record(run: Run, data: Data, setting: Setting, path: Path) -> dict[str, float]:
-    """Train the run under a Recorder; the seconds spent inside the recorder and in all."""
+#: steps at which a compact setting's true optimizer state is kept to measure v's and m's error
+STATE_SAMPLE_EVERY = 10
+
+
+def record(
+    run: Run,
+    data: Data,
+    setting: Setting,
+    path: Path,
+    states: dict[int, dict] | None = None,
+    steps_per_block: int | None = None,
+) -> dict[str, float]:
+    """Train the run under a Recorder; the seconds spent inside the recorder and in all.
+    ``states`` receives the true optimizer state every ``STATE_SAMPLE_EVERY`` steps; every
+    setting takes the reference's ``steps_per_block`` (the comparison scans in lockstep; the
+    block length otherwise follows each encoding's bytes per step)."""
     torch.manual_seed(run.seed)
     model = run.make_model()
     opt = run.make_optimizer(model)
-    cfg = hs.RecorderConfig(codec=setting.codec, encodings=setting.rules, optimizer_state="none")
+    names = {id(p): n for n, p in model.named_parameters()}
+    if setting.profile == "compact":
+        cfg = hs.RecorderConfig.compact(encodings=setting.rules, steps_per_block=steps_per_block)
+    else:
+        cfg = hs.RecorderConfig(
+            codec=setting.codec,
+            encodings=setting.rules,
+            optimizer_state="none",
+            steps_per_block=steps_per_block,
+        )
     rec = hs.Recorder(path, model, opt, cfg, run_config={"run": run.name, "setting": setting.name})
     wall = time.perf_counter()
     t0 = time.perf_counter()
@@ -348,6 +388,12 @@ def record(run: Run, data: Data, setting: Setting, path: Path) -> dict[str, floa
             t0 = time.perf_counter()
             rec.step(idx, labels=y, loss=loss)
             steps_s += time.perf_counter() - t0
+            t = rec.num_steps - 1
+            if states is not None and t % STATE_SAMPLE_EVERY == 0:
+                states[t] = {
+                    names[id(p)]: {k: v.clone() for k, v in st.items() if k != "step"}
+                    for p, st in opt.state.items()
+                }
     except BaseException:
         rec.__exit__(*sys.exc_info())
         raise
@@ -588,6 +634,37 @@ def recorded_errors(store: hs.HistoryStore, ref: Reference) -> dict[str, Any]:
     }
 
 
+def state_errors(store: hs.HistoryStore, states: dict[int, dict], path: Path) -> dict[str, Any]:
+    """Compact profile: bytes per parameter per step of Δ + optimizer state (keyframes apart),
+    and the relative L2 error of the served v and of the derived m against the true state."""
+    n_params = sum(t.numel for t in store.tensors)
+    state = sum(
+        f.stat().st_size for f in (path / "optim").rglob("*") if f.is_file() and "/c/" in str(f)
+    )
+    delta = sum(
+        f.stat().st_size
+        for f in (path / "params").rglob("*")
+        if f.is_file() and "/c/" in str(f) and "/keyframes/" not in str(f)
+    )
+    v_err, m_err = [], []
+    for t, true in states.items():
+        got = store.optimizer_state(t)
+        for n, st in true.items():
+            for key, errs in (("exp_avg_sq", v_err), ("exp_avg", m_err)):
+                ref = st[key].double()
+                errs.append(float((got[n][key].double() - ref).norm() / ref.norm()))
+    T = store.num_steps
+    return {
+        "bytes_per_param_step": (delta + state) / n_params / T,
+        "delta_bytes_per_param_step": delta / n_params / T,
+        "state_bytes_per_param_step": state / n_params / T,
+        "v_err_median": float(np.median(v_err)),
+        "v_err_max": float(np.max(v_err)),
+        "m_err_median": float(np.median(m_err)),
+        "m_err_max": float(np.max(m_err)),
+    }
+
+
 def store_sizes(path: Path) -> dict[str, Any]:
     inf = info(str(path))
     raw = sum(t["bytes_raw"] for t in inf["tensors"])
@@ -609,8 +686,19 @@ def evaluate(
 ) -> tuple[dict[str, Any], Reference, dict[str, Probe]]:
     """Record one setting and measure it; the first call (``ref=None``) makes the reference."""
     path = tmp / f"{run.name}-{setting.name}.zarr"
-    timing = record(run, data, setting, path)
+    states: dict[int, dict] = {}
+    compact = setting.profile == "compact"
+    timing = record(
+        run,
+        data,
+        setting,
+        path,
+        states if compact else None,
+        hs.open_store(ref.path).steps_per_block if ref is not None else None,
+    )
     sizes = store_sizes(path)
+    if setting.profile == "compact":
+        sizes.update(state_errors(hs.open_store(path), states, path))
     raw = sizes["deltas_raw_bytes"]
     # small stores: best of two (overheads dominate); large ones: one cold scan, no warm one
     small = raw < 300 * MB
@@ -719,6 +807,9 @@ COLUMNS = [
     ("top10_steps", "top10 steps", "{:.2f}"),
     ("spearman_examples", "ρ examples", "{:.3f}"),
     ("top10_examples", "top10 ex.", "{:.2f}"),
+    ("bytes_per_param_step", "B/param/step", "{:.2f}"),
+    ("m_err_median", "m err", "{:.1e}"),
+    ("v_err_median", "v err", "{:.1e}"),
 ]
 
 
@@ -774,7 +865,12 @@ def markdown(report: dict) -> str:
         "steps of the relative L2 error of the decoded Δ_t (vs the lossless store) and of the "
         "replayed θ_t (n/a: sketches cannot be decoded). ρ / top10: Spearman and top-10 "
         "overlap of γ_t over steps and of per-example scores against the lossless store, "
-        "mean over 32 test points and the Linear layers.",
+        "mean over 32 test points and the Linear layers. B/param/step (compact profile "
+        "only, optimizer state recorded): stored bytes of Δ + optimizer state per parameter "
+        "per step, keyframes apart (fp32 θ + both Adam moments: 12; the lossless store with "
+        "state: ~9); m err / v err: median relative L2 error of the derived first moment and "
+        "of the served second moment against the optimizer's own, every "
+        f"{STATE_SAMPLE_EVERY} steps.",
         "",
         "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",
@@ -814,6 +910,7 @@ FAMILY_STYLE = {
     "svd": ("#ff7f0e", "^"),
     "factors": ("#2ca02c", "*"),
     "projected": ("#d62728", "D"),
+    "compact": ("#9467bd", "P"),
 }
 PLOT_METRICS = [
     ("spearman_examples", "Spearman ρ of per-example scores"),
@@ -971,6 +1068,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tmp-dir", type=Path, default=None, help="where the stores go (temporary)")
     ap.add_argument("--runs", default="", help="comma-separated subset of run names")
+    ap.add_argument(
+        "--settings",
+        default="",
+        help="comma-separated subset of setting names (the reference, lossless-default, is kept)",
+    )
     args = ap.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = _machine.results_dir(args.quick)
@@ -980,6 +1082,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         keep = set(args.runs.split(","))
         runs = [r for r in runs if r.name in keep]
+    if args.settings:
+        want = {*args.settings.split(","), REFERENCE.name}
+        runs = [replace(r, settings=[s for s in r.settings if s.name in want]) for r in runs]
     results: list[dict] = []
     run_meta: list[dict] = []
     notes: list[str] = []

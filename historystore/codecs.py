@@ -20,6 +20,10 @@ from typing import Any
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 DEFAULT_CODEC = "blosc-zstd1-bitshuffle"
+#: Codec for optimizer state and keyframes. Adam's moments barely compress (measured on v of
+#: an AdamW MLP, one thread): lz4 with bit-shuffle 1.198× at 753 MB/s encode, zstd1 1.200× at
+#: 358 MB/s, so the faster codec costs nothing in size and halves the writer's time on state.
+DEFAULT_STATE_CODEC = "blosc-lz4-bitshuffle"
 #: Codec for integer arrays (ids, labels, counts): byte-shuffle suits small integers.
 DEFAULT_INT_CODEC = "blosc-zstd1-shuffle"
 #: Blosc block size: larger blocks than Blosc picks for MB-sized chunks compress and

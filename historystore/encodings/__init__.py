@@ -13,6 +13,7 @@ from .full import FullEncoding
 from .lowrank import FactorsEncoding, SVDEncoding
 from .policy import EncodingRule, resolve
 from .projected import ProjectedEncoding
+from .quantized import QuantizedEncoding
 from .rounded import RoundedEncoding, bitround
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "FactorsEncoding",
     "FullEncoding",
     "ProjectedEncoding",
+    "QuantizedEncoding",
     "RoundedEncoding",
     "SVDEncoding",
     "StepContext",

@@ -20,6 +20,7 @@ import zarr
 
 from .. import tensors
 from ..encodings import Encoding, get_encoding
+from ..encodings import state as optim_state
 from ..errors import CorruptStoreError, EncodingError, ModelMismatchError, NotAStoreError
 from ..meta import layout
 from ..meta.commit import Commit
@@ -307,8 +308,15 @@ class HistoryStore:
             b0 = b1
 
     def optimizer_state(self, t: int) -> dict[str, dict[str, torch.Tensor]]:
-        """The optimizer's per-parameter state after step t (0 ≤ t < num_steps)."""
+        """The optimizer's per-parameter state after step t (0 ≤ t < num_steps).
+
+        Under the compact profile the state is served as the optimizer held it: narrowed
+        keys (Adam's ``exp_avg_sq`` in bfloat16) in the parameter's dtype, and derived keys
+        (Adam's ``exp_avg``) computed from Δ_t, θ_t and v_t (see
+        :mod:`historystore.encodings.state`; approximate, its error is measured there)."""
         t = self._check_step(t, self.num_steps - 1)
+        plan: dict[str, str] = self.meta.recorder.get("state_plan", {})
+        t0 = max(0, t - self.steps_per_block + 1)  # the step's block starts at t0 or later
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name, specs in self.meta.optim_state.items():
             out[name] = {
@@ -317,7 +325,34 @@ class HistoryStore:
                 )
                 for s in specs
             }
+            if plan:
+                out[name] = optim_state.expand(
+                    out[name],
+                    plan,
+                    self.meta.tensor(name).dtype,
+                    lambda n=name: self._adam(n, t),
+                    lambda key, n=name: torch.from_numpy(
+                        self._read(layout.optim_path(n, key), t0, t + 1)
+                    ),
+                )
         return out
+
+    def _adam(self, name: str, t: int) -> dict[str, Any]:
+        """What deriving Adam's state of ``name`` after step t needs: Δ_t, θ_t, hparams."""
+        g = self._group_of[name]
+        hp = {k: float(v[t]) for k, v in self._hparams.items() if k.startswith(f"g{g}.")}
+        static = self.meta.optimizer["static"][g]
+        return {
+            "delta": self._dense(name, t, t + 1)[0],
+            "theta": self.params_at(t, [name])[name],
+            "hparams": {
+                "lr": hp[f"g{g}.lr"],
+                "betas": (hp[f"g{g}.betas.0"], hp[f"g{g}.betas.1"]),
+                "eps": hp[f"g{g}.eps"],
+                "weight_decay": hp[f"g{g}.weight_decay"],
+                "decoupled": optim_state.decoupled(self.meta.optimizer["class"], static),
+            },
+        }
 
     def batch(self, t: int) -> Batch:
         t = self._check_step(t, self.num_steps - 1)

@@ -1,9 +1,8 @@
 """Write side: ``Recorder`` snapshots every optimizer step into blocks for the writer.
 
-Exact replay: Δ_t is taken against the recorder's copy of θ_t, and wherever
-``fl(θ_t + Δ_t)`` misses θ_{t+1} bit for bit (about 1 element in 2,000 in float32, when the
-subtraction rounds), the exact bits of θ_{t+1} are stored as a sparse correction. The reader
-replays ``θ_{t+1} = fix(θ_t + Δ_t)``, which equals the trained weights bit for bit at every t.
+Its parts live beside it: the exact-replay deltas and corrections in :mod:`.exact`, the
+optimizer-state layout and capture in :mod:`.state`, the keyframe policy in :mod:`.keyframes`,
+device→host copies in :mod:`.transfer`, and the background writer in :mod:`.writer`.
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,17 @@ import torch
 from .. import tensors
 from ..config import RecorderConfig
 from ..encodings import Encoding, StepContext, get_encoding, resolve
+from ..encodings.state import state_plan
 from ..errors import EncodingError, ModelMismatchError, NotAStoreError, RecorderError
 from ..meta import layout
 from ..meta.commit import Commit
 from ..meta.layout import ArrayInfo, RunMeta, TensorInfo
+from .exact import ExactDeltas, Fixes
+from .keyframes import keyframe_due, make_keyframe
 from .lock import writer_lock
-from .writer import Block, BlockWriter, Keyframe, create_layout
+from .state import StateCapture
+from .transfer import HostCopier
+from .writer import Block, BlockWriter, create_layout
 
 IdsLike = torch.Tensor | np.ndarray | Sequence[int]
 
@@ -134,6 +139,7 @@ class Recorder:
         self.resume = resume
         self.overwrite = overwrite
         self._writer: BlockWriter | None = None
+        self._init_layout: Callable[[], None] | None = None
         self._hook: Any = None
         self._opt_steps = 0
         self._last_keyframe = -1  # step of the newest keyframe, committed or buffered
@@ -189,9 +195,16 @@ class Recorder:
             get_encoding(t.encoding, t.shape, t.dtype, **t.encoding_params)
             for t in self.meta.tensors
         ]
-        # θ as the reader will replay it: the true θ (lossless), θ̂ (feedback encodings: _prev
-        # itself), a separate running sum of decoded deltas (other dense encodings), or none
-        self._prev = [p.detach().clone() for _, p in self._params]
+        self._copier = HostCopier(self.device)
+        self._exact = ExactDeltas(
+            [p for _, p in self._params], [e.lossless for e in self._encs], self._copier
+        )
+        # lossy tensors: θ as the reader will replay it: θ̂ (feedback encodings: _prev itself),
+        # a separate running sum of decoded deltas (other dense encodings), or none
+        self._prev = [
+            None if e.lossless else p.detach().clone()
+            for e, (_, p) in zip(self._encs, self._params, strict=True)
+        ]
         self._recon = [
             p.detach().clone()
             if not e.lossless and not e.feedback and "dense" in e.capabilities
@@ -204,12 +217,25 @@ class Recorder:
             for i, ((n, _), e) in enumerate(zip(self._params, self._encs, strict=True))
             if e.needs_io
         }
-        self._scratch = [torch.empty_like(p) for _, p in self._params]
-        self._int_dtypes = [tensors.int_view_dtype(p.dtype) for _, p in self._params]
-        self._writer = BlockWriter(
-            self._group, self.meta, self._commit, self.meta.recorder["max_pending_blocks"]
+        self._lossy = [i for i, e in enumerate(self._encs) if not e.lossless]
+        self._state = StateCapture(
+            [n for n, _ in self._params],
+            [p for _, p in self._params],
+            self.optimizer,
+            self.meta,
+            self.meta.recorder.get("state_plan", {}),
+            self.steps_per_block,
+            self._copier,
         )
-        self._pool = _BufferPool(self._alloc_block, self.meta.recorder["max_pending_blocks"] + 1)
+        self._writer = BlockWriter(
+            self._group,
+            self.meta,
+            self._commit,
+            self.meta.recorder["max_pending_blocks"],
+            init=self._init_layout,
+        )
+        # blocks alive at once: the queued ones, the one being written, the one being filled
+        self._pool = _BufferPool(self._alloc_block, self.meta.recorder["max_pending_blocks"] + 2)
         self._hook = self.optimizer.register_step_post_hook(self._on_optimizer_step)
         self._last_time = time.time()
         self._start_block(self._commit.num_steps)
@@ -230,16 +256,15 @@ class Recorder:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
             # a URL: zarr's mode "w" below deletes every key under the prefix
         cfg = self.config
-        step_bytes = sum(p.numel() * p.element_size() for _, p in self._params)
-        if cfg.optimizer_state == "every_step":
-            step_bytes *= 3  # a typical optimizer keeps about two state tensors per parameter
-        spb = cfg.resolve_steps_per_block(step_bytes)
+        plan = state_plan(cfg.profile, self.optimizer)
         infos = []
         modules = dict(self.model.named_modules())
+        step_bytes = 0  # host bytes one step takes in a block: the encodings' arrays + state
+        row_bytes: list[int] = []
         for n, p in self._params:
             dtype = tensors.dtype_name(p.dtype)
             enc_name, params, reason = resolve(
-                cfg.encodings, n, p, modules.get(n.rpartition(".")[0]), self.optimizer
+                cfg.delta_rules(), n, p, modules.get(n.rpartition(".")[0]), self.optimizer
             )
             enc = get_encoding(enc_name, tuple(p.shape), dtype, **params)
             nbytes = sum(
@@ -247,6 +272,9 @@ class Recorder:
                 * np.dtype(layout.storage_dtype(a.dtype)).itemsize
                 for a in enc.arrays().values()
             )
+            step_bytes += nbytes
+            if cfg.optimizer_state == "every_step":  # Adam-like: two state tensors, or v codes
+                step_bytes += p.numel() if plan else 2 * p.numel() * p.element_size()
             infos.append(
                 TensorInfo(
                     name=n,
@@ -256,9 +284,14 @@ class Recorder:
                     encoding_params=enc.params(),
                     encoding_reason=reason,
                     codec=cfg.codec,
-                    chunk_steps=layout.chunk_steps_for(nbytes, spb, cfg.chunk_bytes),
                 )
             )
+            row_bytes.append(nbytes)
+        spb = cfg.resolve_steps_per_block(step_bytes)
+        infos = [
+            replace(t, chunk_steps=layout.chunk_steps_for(nb, spb, cfg.chunk_bytes))
+            for t, nb in zip(infos, row_bytes, strict=True)
+        ]
         self.meta = RunMeta(
             tensors=infos,
             buffers=[
@@ -275,11 +308,17 @@ class Recorder:
             optim_state={},
             hparam_keys=sorted(_numeric_hparams(self.optimizer)),
             config=self.run_config,
-            recorder={**cfg.to_json(), "steps_per_block": spb},
+            recorder={
+                **cfg.to_json(),
+                "steps_per_block": spb,
+                "state_plan": state_plan(cfg.profile, self.optimizer),
+            },
         )
         self._group = layout.open_group(self.path, "w", self.storage_options)
         self._group.update_attributes({layout.ATTR_KEY: self.meta.to_json()})
-        create_layout(self._group, self.meta, spb)
+        # the arrays are created by the writer thread before its first block (~40 zarr.json
+        # writes, 0.1-0.2 s): training starts meanwhile
+        self._init_layout = lambda: create_layout(self._group, self.meta, spb)
         self._commit = Commit()
 
     def _open_existing(self) -> None:
@@ -366,6 +405,10 @@ class Recorder:
         self._t = t0
         self._block = Block(t0=t0, n=0)
         self._bufs = self._pool.get()
+        self._delta_rows = [
+            a["delta"] if e.lossless else None
+            for a, e in zip(self._bufs["arrays"], self._encs, strict=True)
+        ]
         self._slot = 0
         self._ids: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
@@ -376,30 +419,23 @@ class Recorder:
             "duration": [],
             "batch_size": [],
             "ghost_size": [],
-            "num_fixes": [],
         }
         self._hparam_rows: dict[str, list[float]] = {k: [] for k in self.meta.hparam_keys}
-        self._fix_t: list[np.ndarray] = []
-        self._fix_i: list[np.ndarray] = []
-        self._fix_b: list[np.ndarray] = []
+        self._fixes = Fixes()
         self._err_rows: list[np.ndarray] = []
         self._block_end = (t0 // self.steps_per_block + 1) * self.steps_per_block
 
-    def _keyframe(self, step: int) -> Keyframe:
+    def _keyframe(self, step: int) -> Any:
         self._last_keyframe = step
-        return Keyframe(
-            step=step,
-            params={n: tensors.to_numpy(p) for n, p in self._params},
-            buffers={n: tensors.to_numpy(b) for n, b in self._buffers},
-        )
+        return make_keyframe(step, self._params, self._buffers)
 
     def _flush(self, force: bool = False) -> None:
         b = self._block
         n = self._slot
         if n == 0 and not b.keyframes and not force:
             return
-        if self._cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+        self._exact.finish(self._fixes)
+        self._copier.synchronize()
         bufs = self._bufs
         b.n = n
         b.arrays = {
@@ -420,25 +456,31 @@ class Recorder:
         b.scalars = {"loss": np.asarray(losses, dtype=np.float64)}
         for k, v in self._scalar_rows.items():
             b.scalars[k] = np.asarray(v, dtype=layout.STEP_SCALARS[k][0])
+        b.scalars["num_fixes"] = np.asarray(self._fixes.counts, dtype=np.int32)
         b.ids = _cat(self._ids)
         b.labels = _cat(self._labels)
         b.ghost_ids = _cat(self._ghosts)
-        b.fix_tensor = _cat(self._fix_t, np.int32)
-        b.fix_index = _cat(self._fix_i)
-        b.fix_bits = _cat(self._fix_b, np.uint64)
+        b.fix_tensor = _cat(self._fixes.tensor, np.int32)
+        b.fix_index = _cat(self._fixes.index)
+        b.fix_bits = _cat(self._fixes.bits, np.uint64)
         b.theta_crc = np.zeros((n, len(self._params)), dtype=np.uint64)
         if n:
-            b.theta_crc[n - 1] = [
-                0
-                if "dense" not in e.capabilities
-                else tensors.crc_marker(r if r is not None else p)
-                for e, r, p in zip(self._encs, self._recon, self._prev, strict=True)
-            ]
+            b.theta_crc[n - 1] = [self._theta_crc(i) for i in range(len(self._params))]
         b.optim_state = {k: list(v) for k, v in self.meta.optim_state.items()}
         b.release = lambda bufs=bufs: self._pool.put(bufs)
         assert self._writer is not None
         self._writer.submit(b)
         self._start_block(b.t0 + n)
+
+    def _theta_crc(self, i: int) -> int:
+        """Fingerprint of θ as the reader replays it (0 for undecodable encodings)."""
+        if "dense" not in self._encs[i].capabilities:
+            return 0
+        theta = self._exact.theta(i)
+        if theta is None:
+            theta = self._recon[i] if self._recon[i] is not None else self._prev[i]
+        assert theta is not None
+        return tensors.crc_marker(theta)
 
     # -- hot path ----------------------------------------------------------------------------
     def _on_optimizer_step(self, *_: Any) -> None:
@@ -512,23 +554,29 @@ class Recorder:
 
         slot = self._slot
         bufs = self._bufs
-        nfix = 0
         errors = np.full((len(self._params), 2), np.nan, dtype=np.float32)
-        n_fix_parts = len(self._fix_i)
+        mark = self._fixes.mark()
         try:
             with torch.no_grad():
-                for i, (_, p) in enumerate(self._params):
-                    if self._encs[i].lossless:
-                        row = bufs["arrays"][i]["delta"][slot]
-                        nfix += self._record_lossless(i, p.detach(), row)
-                    else:
-                        self._record_lossy(i, p.detach(), bufs["arrays"][i], slot, errors)
+                params = [p for _, p in self._params]
+                self._exact.record(
+                    params, [r if r is None else r[slot] for r in self._delta_rows], self._fixes
+                )
+                self._norms: list[tuple[int, torch.Tensor]] = []
+                for i in self._lossy:
+                    self._record_lossy(i, params[i].detach(), bufs["arrays"][i], slot)
+                if self._norms:
+                    norms = torch.stack([n for _, n in self._norms]).cpu().numpy()
+                    rows = [i for i, _ in self._norms]
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        errors[rows, 0] = np.where(norms[:, 1] > 0, norms[:, 0] / norms[:, 1], 0)
+                        errors[rows, 1] = np.where(norms[:, 3] > 0, norms[:, 2] / norms[:, 3], 0)
                 if self.meta.recorder["optimizer_state"] == "every_step":
-                    self._capture_state(slot)
+                    self._state.capture(bufs["states"], slot)
         except BaseException as e:
             # part of this step's state was consumed: refuse to record further steps, and
             # drop what this step added so that the steps before it commit cleanly
-            del self._fix_t[n_fix_parts:], self._fix_i[n_fix_parts:], self._fix_b[n_fix_parts:]
+            self._fixes.rollback(mark)
             self._broken = e
             raise
         now = time.time()
@@ -536,7 +584,6 @@ class Recorder:
         self._scalar_rows["duration"].append(now - self._last_time)
         self._scalar_rows["batch_size"].append(len(ids))
         self._scalar_rows["ghost_size"].append(len(ghosts))
-        self._scalar_rows["num_fixes"].append(nfix)
         self._last_time = now
         for k in self.meta.hparam_keys:
             self._hparam_rows[k].append(hp[k])
@@ -547,39 +594,17 @@ class Recorder:
         self._ghosts.append(ghosts)
         self._slot += 1
         self._t += 1
-        keyframe = self._t % self.config_keyframe_every == 0
+        keyframe = keyframe_due(self._t, self.config_keyframe_every)
         if keyframe:
             self._block.keyframes.append(self._keyframe(self._t))
         if self._t == self._block_end:
             self._flush()
         if keyframe:  # readers restart lossy replay from the exact keyframe
-            for i, (_, p) in enumerate(self._params):
-                if not self._encs[i].lossless:
-                    self._prev[i].copy_(p.detach())
-                    if self._recon[i] is not None:
-                        self._recon[i].copy_(p.detach())
-
-    def _record_lossless(self, i: int, cur: torch.Tensor, row: torch.Tensor) -> int:
-        """Δ_t into ``row``; exact bits of θ_{t+1} where fl(θ_t + Δ_t) misses them."""
-        prev = self._prev[i]
-        if self._cuda:
-            delta = torch.sub(cur, prev)
-            row.copy_(delta, non_blocking=True)
-        else:
-            delta = torch.sub(cur, prev, out=row)
-        recon = torch.add(prev, delta, out=self._scratch[i])
-        it = self._int_dtypes[i]
-        bad = recon.view(it).ne(cur.view(it)).view(-1)
-        n = 0
-        if bad.any():
-            idx = bad.nonzero().view(-1)
-            bits = cur.reshape(-1)[idx].view(it).cpu().numpy()
-            self._fix_t.append(np.full(len(idx), i, dtype=np.int32))
-            self._fix_i.append(idx.cpu().numpy().astype(np.int64))
-            self._fix_b.append(bits.astype(np.uint64) & _mask(bits.dtype))
-            n = len(idx)
-        prev.copy_(cur)
-        return n
+            for i in self._lossy:
+                p = self._params[i][1].detach()
+                self._prev[i].copy_(p)  # type: ignore[union-attr]
+                if self._recon[i] is not None:
+                    self._recon[i].copy_(p)  # type: ignore[union-attr]
 
     def _record_lossy(
         self,
@@ -587,10 +612,10 @@ class Recorder:
         cur: torch.Tensor,
         rows: dict[str, torch.Tensor],
         slot: int,
-        errors: np.ndarray,
     ) -> None:
         """Encode Δ_t (against θ̂_t for feedback encodings) and track the replayed θ̂."""
         enc, prev = self._encs[i], self._prev[i]
+        assert prev is not None
         delta = torch.sub(cur, prev)
         ctx = StepContext(lr=float(self.optimizer.param_groups[self._group_of[i]]["lr"]))
         if i in self._io:
@@ -601,62 +626,27 @@ class Recorder:
             name = self._params[i][0]
             where = f"step {self._t}" + ("" if repr(name) in str(e) else f", tensor {name!r}")
             raise EncodingError(f"{where}: {e}") from e
-        for a, v in arrays.items():
-            rows[a][slot].copy_(v, non_blocking=self._cuda)
+        self._copier.copy([rows[a][slot] for a in arrays], list(arrays.values()), snapshot=False)
         if "dense" not in enc.capabilities:
             prev.copy_(cur)
             return
         dec = enc.decode_block({a: v.unsqueeze(0) for a, v in arrays.items()})[0]
-        dnorm = float(delta.float().norm())
-        errors[i, 0] = float((dec - delta).float().norm()) / dnorm if dnorm else 0.0
+        resid = dec - delta
         if enc.feedback:
-            theta_hat = prev.add_(dec)
+            theta_err = prev.add_(dec) - cur  # θ̂_{t+1} − θ_{t+1}, float rounding of θ̂ included
         else:
             recon = self._recon[i]
             assert recon is not None
-            theta_hat = recon.add_(dec)
+            theta_err = recon.add_(dec) - cur
             prev.copy_(cur)
-        cnorm = float(cur.float().norm())
-        errors[i, 1] = float((theta_hat - cur).float().norm()) / cnorm if cnorm else 0.0
+        # norms stay on the device; step() reads them all at once (one sync per step)
+        self._norms.append(
+            (i, torch.stack([x.float().norm() for x in (resid, delta, theta_err, cur)]))
+        )
 
     @property
     def config_keyframe_every(self) -> int:
         return int(self.meta.recorder["keyframe_every"])
-
-    def _capture_state(self, slot: int) -> None:
-        bufs = self._bufs
-        for name, p in self._params:
-            state = self.optimizer.state.get(p, {})
-            values = [(k, v) for k, v in state.items() if isinstance(v, (torch.Tensor, int, float))]
-            specs = self.meta.optim_state.get(name, [])
-            if not specs and values:
-                # the tensor's first state: at the first step, or later (a parameter without a
-                # gradient until then, e.g. frozen during a warm-up); earlier rows read as zeros
-                specs = self.meta.optim_state[name] = [
-                    ArrayInfo(
-                        str(k).replace("/", "_"),
-                        tuple(v.shape) if isinstance(v, torch.Tensor) else (),
-                        tensors.dtype_name(v.dtype) if isinstance(v, torch.Tensor) else "float64",
-                    )
-                    for k, v in values
-                ]
-            if len(specs) != len(values):
-                raise RecorderError(
-                    f"the optimizer state of {name!r} changed its keys during recording "
-                    f"({sorted(map(str, state))} vs {[s.name for s in specs]})"
-                )
-            st = bufs["states"].setdefault(name, {})
-            for spec, (_, v) in zip(specs, values, strict=True):
-                buf = st.get(spec.name)
-                if buf is None:  # zeros: the slots before a late first state read as zero
-                    dt = tensors.torch_dtype(spec.dtype)
-                    buf = st[spec.name] = torch.zeros(
-                        (self.steps_per_block, *spec.shape), dtype=dt, pin_memory=self._cuda
-                    )
-                if isinstance(v, torch.Tensor):
-                    buf[slot].copy_(v.detach(), non_blocking=self._cuda)
-                else:
-                    buf[slot] = float(v)
 
     # -- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -735,10 +725,6 @@ class _IOCapture:
 
     def remove(self) -> None:
         self._handle.remove()
-
-
-def _mask(dtype: np.dtype) -> np.uint64:
-    return np.uint64((1 << (8 * np.dtype(dtype).itemsize)) - 1)
 
 
 def _cat(parts: list[np.ndarray], dtype: Any = np.int64) -> np.ndarray:

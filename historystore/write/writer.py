@@ -31,13 +31,7 @@ from ..errors import RecorderError
 from ..meta import layout
 from ..meta.commit import Commit
 from ..meta.layout import RunMeta
-
-
-@dataclass
-class Keyframe:
-    step: int
-    params: dict[str, np.ndarray]
-    buffers: dict[str, np.ndarray]
+from .keyframes import Keyframe
 
 
 @dataclass
@@ -245,8 +239,17 @@ def create_state_arrays(
 class BlockWriter:
     """Writes blocks in a background thread; errors are re-raised in the caller's thread."""
 
-    def __init__(self, group: zarr.Group, meta: RunMeta, commit: Commit, max_pending: int) -> None:
+    def __init__(
+        self,
+        group: zarr.Group,
+        meta: RunMeta,
+        commit: Commit,
+        max_pending: int,
+        init: Callable[[], None] | None = None,
+    ) -> None:
+        """``init`` runs first in the writer thread (creating a new store's arrays)."""
         self.group = group
+        self._init = init
         self.meta = meta
         self.commit = commit
         self._encodings = {
@@ -286,6 +289,13 @@ class BlockWriter:
 
     # -- writer thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        if self._init is not None:
+            try:
+                start = time.perf_counter()
+                self._init()
+                self.seconds_busy += time.perf_counter() - start
+            except BaseException as e:
+                self._error = e
         while True:
             block = self._queue.get()
             if block is None:

@@ -1,0 +1,168 @@
+"""How optimizer state is stored: as the optimizer holds it (lossless), or compactly for Adam.
+
+The compact plan for ``torch.optim.Adam``/``AdamW`` (no amsgrad, not maximize) keeps what the
+path methods need at a fraction of the bytes:
+
+* ``exp_avg_sq`` (v_t) as uint8 codes of log v, linear in a per-row range fixed for each block
+  (``log8``; relative error ≤ exp(span/508) − 1, about 2-5 % in v and half that in √v, which
+  is what the derived m feels), stored as differences from the previous step's codes (mostly
+  0: v moves slowly), the codes themselves at each block's first step; ``bfloat16`` (error
+  ≤ 2^-9) is the other choice;
+* ``exp_avg`` (m_t) is **not stored**: Adam's own update gives it back from the recorded
+  step, ``Δ_t = −lr·wd·θ_t − lr/(1−β1^t) · m_t / (√v_t/√(1−β2^t) + ε)`` (the ``wd`` term
+  only for decoupled weight decay, AdamW), so
+  ``m_t = −(Δ_t + lr·wd·θ_t) · (√v_t/√(1−β2^t) + ε) · (1−β1^t) / lr``.
+  The reader computes it from the stored Δ_t, θ_t, v_t and the step's recorded
+  hyperparameters (:func:`derive_first_moment`); its error is that of Δ and v together
+  (measured in ``benchmarks.storage`` and tested on a real run);
+* ``step`` and anything else as recorded.
+
+Other optimizers keep their state lossless under every profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: ``state_plan`` values: how a state key is stored
+DERIVED = "derived"
+BF16 = "bfloat16"
+LOG8 = "log8"  # uint8 codes of log(v), linear between each row's smallest and largest v > 0
+LOGRANGE = "_logrange"  # suffix of the array holding a LOG8 key's [rows, 2] log range
+LEVELS = 254  # codes 1..255; 0 is an exact zero
+
+
+def state_plan(profile: str, optimizer: torch.optim.Optimizer) -> dict[str, str]:
+    """State key -> storage (``"derived"`` or ``"bfloat16"``); keys not named are kept as is."""
+    if profile != "compact" or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return {}
+    if any(g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups):
+        return {}
+    return {"exp_avg": DERIVED, "exp_avg_sq": LOG8}
+
+
+def log8_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of a LOG8 key's range array: (lo, hi, intra) per row of the first axis."""
+    return (shape[0], 3) if len(shape) >= 2 else (3,)
+
+
+#: margins (nats) of a range below the smallest and above the largest log v of its first step:
+#: v decays by at most β2 per step (0.26 nats in 256 steps at β2 = 0.999) and grows with new
+#: large gradients; a step with a value outside starts a new range
+MARGIN_DOWN, MARGIN_UP = 1.0, 2.0
+
+
+def log8_encode(
+    v: torch.Tensor, rng: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 codes of log(v) per row and the rows' (lo, hi, intra) range.
+
+    Why log codes: v spans many decades, and its relative error is what the derived m feels
+    (halved by the square root). Why a range fixed for a block (``rng`` from its first step,
+    with margins): the codes of a slowly moving v then barely change from step to step, so the
+    recorder stores each step's code *differences* (mostly 0), which compress to a fraction
+    of a byte; only a block's first step holds the codes themselves (``intra`` = 1), and any
+    step with a v outside the range (early in training v grows quickly) starts a new range,
+    so no code is ever clamped."""
+    x = v.float().reshape(v.shape[0], -1) if v.dim() >= 2 else v.float().reshape(1, -1)
+    pos = x > 0
+    lg = torch.where(pos, x, 1.0).log()
+    if rng is None:
+        inf = torch.tensor(float("inf"), device=x.device)
+        lo = torch.where(pos, lg, inf).amin(dim=1)
+        hi = torch.where(pos, lg, -inf).amax(dim=1)
+        empty = ~torch.isfinite(lo)
+        lo = torch.where(empty, 0.0, lo) - MARGIN_DOWN
+        hi = torch.where(empty, 0.0, hi) + MARGIN_UP
+        r = torch.stack([lo, hi, torch.ones_like(lo)], dim=1)
+    else:
+        r = rng.reshape(-1, 3).clone()
+        r[:, 2] = 0
+        lo, hi = r[:, 0], r[:, 1]
+    span = torch.where(hi > lo, hi - lo, 1.0)
+    codes = torch.round((lg - lo[:, None]) / span[:, None] * LEVELS) + 1
+    if rng is not None and bool((((codes < 1) | (codes > LEVELS + 1)) & pos).any()):
+        return log8_encode(v)  # outside the block's range: this step starts a new range
+    codes = torch.where(pos, codes.clamp_(1, LEVELS + 1), 0.0).to(torch.uint8)
+    return codes.reshape(v.shape), (r if v.dim() >= 2 else r[0])
+
+
+def log8_decode(codes: torch.Tensor, rng: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """v from :func:`log8_encode`'s codes (within a factor exp(±(hi − lo)/508) of v)."""
+    c = codes.reshape(codes.shape[0], -1) if codes.dim() >= 2 else codes.reshape(1, -1)
+    r = rng.reshape(-1, 3).double()
+    lo, hi = r[:, :1], r[:, 1:2]
+    v = torch.exp(lo + (c.double() - 1) / LEVELS * (hi - lo))
+    return torch.where(c > 0, v, 0.0).reshape(codes.shape).to(dtype)
+
+
+def log8_codes(diffs: torch.Tensor, rngs: torch.Tensor) -> torch.Tensor:
+    """The codes of the last of ``steps`` rows of stored code differences, summed from the
+    last row whose range is marked ``intra`` (rows ``[steps, *shape]``, ranges
+    ``[steps, ..., 3]``)."""
+    intra = rngs.reshape(rngs.shape[0], -1, 3)[:, 0, 2] > 0
+    first = int(torch.nonzero(intra).max()) if bool(intra.any()) else 0
+    return (diffs[first:].to(torch.int64).sum(0) % 256).to(torch.uint8)
+
+
+def decoupled(optimizer_class: str, static: dict[str, Any]) -> bool:
+    """Whether a recorded Adam-family group decays weights outside the moments (AdamW)."""
+    if "decoupled_weight_decay" in static:
+        return bool(static["decoupled_weight_decay"])
+    return optimizer_class.endswith(".AdamW")
+
+
+def derive_first_moment(
+    delta: torch.Tensor,
+    theta: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: float,
+    hparams: dict[str, Any],
+) -> torch.Tensor:
+    """Adam's m_t from the step it produced (see the module docstring); ``hparams`` holds the
+    group's ``lr``, ``betas`` (β1, β2), ``eps``, ``weight_decay`` and ``decoupled``."""
+    lr = float(hparams["lr"])
+    beta1, beta2 = hparams["betas"]
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    d = delta.double()
+    if hparams["decoupled"]:
+        d = d + lr * float(hparams["weight_decay"]) * theta.double()
+    denom = exp_avg_sq.double().sqrt() / bc2**0.5 + float(hparams["eps"])
+    return (-d * denom * (bc1 / lr)).to(exp_avg_sq.dtype)
+
+
+def expand(
+    stored: dict[str, torch.Tensor],
+    plan: dict[str, str],
+    dtype: str,
+    adam: Callable[[], dict[str, Any]],
+    history: Callable[[str], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """A tensor's state as the optimizer held it, from what the plan stored.
+
+    ``adam()`` gives ``delta``, ``theta`` and ``hparams`` for :func:`derive_first_moment`
+    (called only when a key is derived: it replays θ_t); ``history(key)`` the rows of a stored
+    key from up to one block before the step through it (LOG8 keys store code differences)."""
+    out = {}
+    dt = getattr(torch, dtype)
+    for key, value in stored.items():
+        if key.endswith(LOGRANGE) and plan.get(key.removesuffix(LOGRANGE)) == LOG8:
+            continue
+        if plan.get(key) == BF16:
+            value = value.to(dt)
+        elif plan.get(key) == LOG8:
+            codes = log8_codes(history(key), history(key + LOGRANGE))
+            value = log8_decode(codes, stored[key + LOGRANGE], dt)
+        out[key] = value
+    derived = [k for k, how in plan.items() if how == DERIVED]
+    if derived and "exp_avg_sq" in out and "step" in out:
+        a = adam()
+        m = derive_first_moment(
+            a["delta"], a["theta"], out["exp_avg_sq"], float(out["step"]), a["hparams"]
+        )
+        out = {"step": out["step"], "exp_avg": m, **{k: v for k, v in out.items() if k != "step"}}
+    return out

@@ -1,0 +1,141 @@
+"""Optimizer state: its layout (discovered at the first step that has it) and its capture.
+
+The layout is the optimizer's own per-parameter state (``exp_avg``, ``step``, ...), found when
+it first appears: at the first step, or later for a parameter without a gradient until then
+(frozen during a warm-up), whose earlier rows read as zeros. The storage plan of the profile
+(:mod:`historystore.encodings.state`) drops keys the reader derives and narrows others
+(bfloat16); ``meta.optim_state`` lists what is *stored*. Per step the capture is one batched
+copy of every state tensor into its block row (no Python work per element, one call for all
+tensors), with the layout checked only by each state's key count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import tensors
+from ..encodings.state import BF16, DERIVED, LOG8, LOGRANGE, log8_encode, log8_shape
+from ..errors import RecorderError
+from ..meta.layout import ArrayInfo, RunMeta
+from .transfer import HostCopier
+
+_Value = torch.Tensor | int | float
+
+
+class StateCapture:
+    def __init__(
+        self,
+        names: list[str],
+        params: list[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        meta: RunMeta,
+        plan: dict[str, str],
+        steps_per_block: int,
+        copier: HostCopier,
+    ) -> None:
+        self.names = names
+        self.params = params
+        self.optimizer = optimizer
+        self.meta = meta
+        self.plan = plan
+        self.spb = steps_per_block
+        self.copier = copier
+        self.pin = params[0].device.type == "cuda"
+        # per tensor: [(optimizer key, stored name)] of the stored keys, and the key count
+        self._keys: list[list[tuple[Any, str]] | None] = [None] * len(params)
+        self._count: list[int] = [0] * len(params)
+        # LOG8 keys: this block's codes of the previous step and range, per (tensor, key)
+        self._ref: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _values(state: dict[Any, Any]) -> dict[Any, _Value]:
+        return {k: v for k, v in state.items() if isinstance(v, (torch.Tensor, int, float))}
+
+    def _layout(self, i: int, state: dict[Any, Any]) -> None:
+        """Learn (or check) tensor ``i``'s state layout; new keys extend ``meta.optim_state``."""
+        name = self.names[i]
+        values = self._values(state)
+        stored = [(k, str(k).replace("/", "_")) for k in values if self.plan.get(str(k)) != DERIVED]
+        specs = self.meta.optim_state.get(name)
+        if specs is None:
+            specs = []
+            for k, sname in stored:
+                v = values[k]
+                how = self.plan.get(str(k)) if isinstance(v, torch.Tensor) else None
+                if how is not None and (not v.is_floating_point() or v.dim() == 0):
+                    raise RecorderError(f"state {k!r} of {name!r} cannot be stored as {how}")
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+                if not isinstance(v, torch.Tensor):
+                    dtype = "float64"
+                elif how in (BF16, LOG8):
+                    dtype = BF16 if how == BF16 else "uint8"
+                else:
+                    dtype = tensors.dtype_name(v.dtype)
+                specs.append(ArrayInfo(sname, shape, dtype))
+                if how == LOG8:
+                    specs.append(ArrayInfo(sname + LOGRANGE, log8_shape(shape), "float32"))
+            self.meta.optim_state[name] = specs
+        elif sorted(s.name for s in specs if not s.name.endswith(LOGRANGE)) != sorted(
+            sname for _, sname in stored
+        ):
+            raise RecorderError(
+                f"the optimizer state of {name!r} changed its keys during recording "
+                f"({sorted(map(str, state))} vs {[s.name for s in specs]})"
+            )
+        self._keys[i] = stored
+        self._count[i] = len(values)
+
+    def capture(self, states: dict[str, dict[str, torch.Tensor]], slot: int) -> None:
+        """The state after this step into row ``slot`` of the block's ``states`` buffers."""
+        ostate = self.optimizer.state
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        coded_dst: list[torch.Tensor] = []  # narrowed on the device: fresh tensors
+        coded_src: list[torch.Tensor] = []
+        for i, p in enumerate(self.params):
+            st = ostate.get(p)
+            if not st:
+                if self._keys[i]:
+                    raise RecorderError(
+                        f"the optimizer state of {self.names[i]!r} disappeared during recording"
+                    )
+                continue
+            if self._keys[i] is None or len(st) != self._count[i]:
+                self._layout(i, st)
+            bufs = states.setdefault(self.names[i], {})
+            for k, sname in self._keys[i] or ():
+                v = st[k]
+                buf = bufs.get(sname)
+                if buf is None:
+                    buf = bufs[sname] = self._alloc(i, sname, slot)
+                if not isinstance(v, torch.Tensor):
+                    buf[slot] = float(v)
+                elif self.plan.get(str(k)) == LOG8:
+                    rname = sname + LOGRANGE
+                    rbuf = bufs.get(rname)
+                    if rbuf is None:
+                        rbuf = bufs[rname] = self._alloc(i, rname, slot)
+                    ref = self._ref.get((i, sname)) if slot else None
+                    codes, rng = log8_encode(v.detach(), None if ref is None else ref[1])
+                    intra = ref is None or bool(rng.reshape(-1, 3)[0, 2] > 0)
+                    stored = codes if intra else codes - ref[0]  # uint8: wraps mod 256
+                    self._ref[(i, sname)] = (codes, rng)
+                    coded_dst += [buf[slot], rbuf[slot]]
+                    coded_src += [stored, rng]
+                elif v.device.type != self.copier.device.type:  # e.g. Adam's CPU step count
+                    buf[slot].copy_(v.detach())
+                else:
+                    dst.append(buf[slot])
+                    src.append(v.detach())
+        self.copier.copy(dst, src, snapshot=True)
+        self.copier.copy(coded_dst, coded_src, snapshot=False)
+
+    def _alloc(self, i: int, sname: str, slot: int) -> torch.Tensor:
+        spec = next(s for s in self.meta.optim_state[self.names[i]] if s.name == sname)
+        buf = torch.empty(
+            (self.spb, *spec.shape), dtype=tensors.torch_dtype(spec.dtype), pin_memory=self.pin
+        )
+        buf[:slot] = 0  # the rows before a late first state read as zeros
+        return buf

@@ -1,0 +1,104 @@
+"""The compact profile on a real small AdamW run: replay error bound, derived first moment,
+narrowed second moment, bytes per parameter per step, and its validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import historystore as hs
+from attribution.demo.data import Digits
+from historystore.meta.info import info
+
+from .conftest import Run, record_run
+
+STEPS = 40
+KEYFRAME = 16
+
+
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> Run:
+    path = tmp_path_factory.mktemp("compact") / "run.zarr"
+    return record_run(
+        path, "adamw", STEPS, digits, config=hs.RecorderConfig.compact(keyframe_every=KEYFRAME)
+    )
+
+
+def test_profile_validated() -> None:
+    with pytest.raises(ValueError, match="profile must be one of"):
+        hs.RecorderConfig(profile="small")  # type: ignore[arg-type]
+
+
+def test_replay_within_half_a_quantum(compact: Run) -> None:
+    """Error feedback: every replayed element is within half its row's quantum of θ_t."""
+    store = hs.open_store(compact.path)
+    assert store.meta.recorder["profile"] == "compact"
+    assert {t.encoding for t in store.tensors} == {"quantized"}
+    for t in range(STEPS + 1):
+        theta = store.params_at(t)
+        for n, got in theta.items():
+            true = compact.snapshots[t][n]
+            if t % KEYFRAME == 0 or t == STEPS:  # keyframes are exact
+                assert torch.equal(got, true), (t, n)
+                continue
+            scale = store.encoded(n, t - 1, t)["scale"][0]
+            bound = scale.view(*scale.shape, *([1] * (true.dim() - scale.dim()))) / 2
+            err = (got - true).abs()
+            assert (err <= bound * (1 + 1e-5) + 4e-7 * true.abs() + 1e-12).all(), (t, n)
+    err = store.encoding_error()[..., 1]
+    assert np.isfinite(err).all() and err.max() < 2e-3  # relative L2 error of θ̂
+
+
+def test_second_moment_bf16_and_derived_first_moment(compact: Run) -> None:
+    """v is served in float32 from log8 codes (within exp(±span/508) of v per element); m is
+    derived from Δ̂, θ̂ and v̂ with a small relative L2 error on this real run (6-bit Δ)."""
+    store = hs.open_store(compact.path)
+    kinds = {s.name: s.dtype for specs in store.meta.optim_state.values() for s in specs}
+    # m is not stored; v as uint8 codes and each row's log range
+    assert kinds == {"step": "float32", "exp_avg_sq": "uint8", "exp_avg_sq_logrange": "float32"}
+    m_err = []
+    for t, true in compact.states.items():
+        got = store.optimizer_state(t)
+        for n, st in true.items():
+            v = got[n]["exp_avg_sq"]
+            assert v.dtype == torch.float32
+            rng = store._read(f"optim/{n}/exp_avg_sq_logrange", t, t + 1)[0].reshape(-1, 3)
+            span = float((rng[:, 1] - rng[:, 0]).max())
+            ratio = (v / st["exp_avg_sq"])[st["exp_avg_sq"] > 0].double().log().abs()
+            assert float(ratio.max()) <= span / 508 * (1 + 1e-3) + 1e-6, (t, n)
+            assert torch.equal(v == 0, st["exp_avg_sq"] == 0)
+            assert float(got[n]["step"]) == float(st["step"])
+            m, mt = got[n]["exp_avg"], st["exp_avg"]
+            m_err.append(float((m - mt).norm() / mt.norm()))
+    assert max(m_err) < 0.08 and float(np.median(m_err)) < 0.04, m_err
+
+
+def test_restore_resumes_from_compact(compact: Run, digits: Digits, tmp_path: Path) -> None:
+    """restore() loads θ and the served (derived) state into a fresh AdamW, which steps."""
+    from attribution.demo.model import DigitsCNN
+
+    store = hs.open_store(compact.path)
+    model = DigitsCNN(channels=8, hidden=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    store.restore(model, opt)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), compact.snapshots[STEPS][n])
+    assert set(opt.state[next(iter(model.parameters()))]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_bytes_per_param_step(compact: Run) -> None:
+    """Δ + optimizer state on disk ≤ 1.2 bytes per parameter per step (lossless: ~9;
+    keyframes, 4 bytes per parameter every ``keyframe_every`` steps, are counted apart)."""
+    d = info(str(compact.path))
+    store = hs.open_store(compact.path)
+    n_params = d["num_parameters"]
+    stored = 0
+    for root in ("params", "optim"):
+        for p in (compact.path / root).rglob("*"):
+            if p.is_file() and "/c/" in str(p) and "/keyframes/" not in str(p):
+                stored += p.stat().st_size
+    per = stored / n_params / store.num_steps
+    assert per <= 1.2, per
