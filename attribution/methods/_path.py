@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.utils.data import TensorDataset
 
 from historystore.errors import EncodingError, HistoryStoreError
 from historystore.read.store import HistoryStore, StepBlock, open_store
@@ -74,7 +75,10 @@ class TrainData:
         """(x, y) of the examples ``ids``; with ``labels`` (the recorded ones, < 0 unknown),
         raise :class:`TrainDataError` where they differ."""
         try:
-            if self.kind == "dataset":
+            if isinstance(self.data, TensorDataset) and len(self.data.tensors) == 2:
+                i = torch.from_numpy(np.asarray(ids, dtype=np.int64))  # one gather, no item loop
+                x, y = (v[i.to(v.device)] for v in self.data.tensors)
+            elif self.kind == "dataset":
                 items = [self.data[int(i)] for i in ids]
                 x = torch.stack([torch.as_tensor(it[0]) for it in items])
                 y = torch.stack([torch.as_tensor(it[1]) for it in items])

@@ -43,8 +43,11 @@ same for f_0 + Σ_t ⟨ḡ_t, Δ_t⟩ alone. Per-example gradients are taken in 
 final buffers (no batch-norm batch statistics), so models whose training loss mixes examples
 show that in ``residual``.
 
-Cost per test batch of B points: per step (nodes − 1) vmapped gradients over B test points plus
-one over the |B_t| examples; memory O(B × params + |B_t| × params + B × num_train).
+Cost per test batch of B points: per step (nodes − 1) gradients over B test points plus one
+over the |B_t| examples. The steps of a block are integrated in groups of up to 16, level by
+level, so one refinement level of the whole group is one batched call (per-call overhead, not
+arithmetic, dominates on small models); memory O(nodes in flight × B × params + |B_t| ×
+params + B × num_train).
 """
 
 from __future__ import annotations
@@ -85,9 +88,10 @@ class PathKernelMethod(PathMethod):
     (default 1e-10 for float64 models, 1e-5 otherwise); ``max_level``: panels no narrower
     than 2^-max_level of the step; ``min_level``: at least 2^min_level + 1 nodes;
     ``node_batch``: quadrature nodes evaluated in one batched call (memory node_batch × B ×
-    params); ``momentum_window``: attribute what momentum carries from the last W batches
-    (within a keyframe interval) to their examples too, keeping their per-example gradients
-    (memory W × |B| × params); the rest stays in the ``momentum`` term."""
+    params; default: ~16 MB of gradients, 8..256 nodes); ``momentum_window``: attribute what
+    momentum carries from the last W batches (within a keyframe interval) to their examples
+    too, keeping their per-example gradients (memory W × |B| × params); the rest stays in
+    the ``momentum`` term."""
 
     name = "epk"
     exact = True
@@ -247,14 +251,15 @@ class PathKernelMethod(PathMethod):
 
     def _node_batch(self, b: int, p: int, itemsize: int) -> int:
         """Nodes per batched gradient call: ``node_batch`` or, by default, as many as keep
-        the call's gradients near 64 MB (at least 8, at most 256)."""
+        the call's gradients near 16 MB (at least 8, at most 256)."""
         if self.node_batch is not None:
             return self.node_batch
-        return int(min(256, max(8, 2**26 // max(1, b * p * itemsize))))
+        return int(min(256, max(8, 2**24 // max(1, b * p * itemsize))))
 
     def _group(self, b: int, p: int, itemsize: int) -> int:
-        """Steps integrated together: their first-level nodes (2 per step) fit ~128 MB."""
-        return int(min(64, max(1, 2**27 // max(1, 3 * b * p * itemsize))))
+        """Steps integrated together (up to 16): their first-level nodes (2 per step) fit
+        ~32 MB; more steps per group means fewer, larger batched calls."""
+        return int(min(16, max(1, 2**25 // max(1, 3 * b * p * itemsize))))
 
     def _tol(self, ctx: ExplainContext, p: dict[str, torch.Tensor]) -> torch.Tensor:
         rtol = self.rtol
@@ -322,7 +327,8 @@ class PathKernelMethod(PathMethod):
                 ga[n] = gbar[n] * a
             else:
                 mu, damp = float(hp["momentum"][t]), float(hp["dampening"][t])
-                first = m_prev is None or not bool(m_prev.any())
+                # torch starts the buffer as a copy of d_p (no dampening) on its first step
+                first = m_prev is None or (damp != 0 and not bool(m_prev.any()))
                 c_g = 1.0 if (mu == 0 or first) else 1.0 - damp
                 c_m = mu
                 w_buf, decay = c_g, mu  # buf_t = μ buf_{t−1} + w d_t
