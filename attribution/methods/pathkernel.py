@@ -44,7 +44,7 @@ final buffers (no batch-norm batch statistics), so models whose training loss mi
 show that in ``residual``.
 
 Cost per test batch of B points: per step (nodes − 1) gradients over B test points plus one
-over the |B_t| examples. The steps of a block are integrated in groups of up to 16, level by
+over the |B_t| examples. The steps of a block are integrated in groups of up to 8, level by
 level, so one refinement level of the whole group is one batched call (per-call overhead, not
 arithmetic, dominates on small models); memory O(nodes in flight × B × params + |B_t| ×
 params + B × num_train).
@@ -88,7 +88,7 @@ class PathKernelMethod(PathMethod):
     (default 1e-10 for float64 models, 1e-5 otherwise); ``max_level``: panels no narrower
     than 2^-max_level of the step; ``min_level``: at least 2^min_level + 1 nodes;
     ``node_batch``: quadrature nodes evaluated in one batched call (memory node_batch × B ×
-    params; default: ~16 MB of gradients, 8..256 nodes); ``momentum_window``: attribute what
+    params; default: ~4 MB of gradients, 8..256 nodes); ``momentum_window``: attribute what
     momentum carries from the last W batches (within a keyframe interval) to their examples
     too, keeping their per-example gradients (memory W × |B| × params); the rest stays in
     the ``momentum`` term."""
@@ -211,55 +211,64 @@ class PathKernelMethod(PathMethod):
         level = 1
         while panels:
             level += 1
-            idx = [q[0] for q in panels for _ in (0, 1)]
-            s = [q[1] + (q[2] - q[1]) * f for q in panels for f in (0.25, 0.75)]
-            g = grads(idx, s)
-            e = along(g, idx)
-            el, emid, er = (torch.stack([q[k] for q in panels]) for k in (7, 8, 9))
-            whole = torch.stack([q[10] for q in panels])
-            eq1, eq3 = e[0::2], e[1::2]
-            w = torch.tensor([q[2] - q[1] for q in panels], dtype=torch.float64, device=e.device)
-            w = w[:, None]
-            left = w / 12 * (el + 4 * eq1 + emid)
-            right = w / 12 * (emid + 4 * eq3 + er)
-            err = (left + right - whole).abs() / 15
-            noise = (
-                eps
-                * w
-                / 12
-                * (el.abs() + 4 * eq1.abs() + 2 * emid.abs() + 4 * eq3.abs() + er.abs())
-            )
-            depth = torch.tensor([q[3] for q in panels], dtype=torch.float64, device=e.device)
-            tol_p = tol[None, :] * torch.exp2(-depth)[:, None]
-            ok = (err <= torch.maximum(tol_p, noise)).all(1).tolist()
-            stop = level >= self.max_level
             refined = []
-            for k, q in enumerate(panels):
-                j, a, bb, dep, gl, gm, gr = q[:7]
-                nodes[j] += 2
-                gq1, gq3 = g[2 * k], g[2 * k + 1]
-                if stop or (level >= self.min_level and ok[k]):
-                    gbar[j] += (gl + 4 * gq1 + 2 * gm + 4 * gq3 + gr) * ((bb - a) / 12)
-                else:
-                    m = a + (bb - a) / 2
-                    refined.append((j, a, m, dep + 1, gl, gq1, gm, el[k], eq1[k], emid[k], left[k]))
-                    refined.append(
-                        (j, m, bb, dep + 1, gm, gq3, gr, emid[k], eq3[k], er[k], right[k])
-                    )
+            # chunks of panels: a level's gradients never exist all at once
+            for c0 in range(0, len(panels), max(1, nb // 2)):
+                chunk = panels[c0 : c0 + max(1, nb // 2)]
+                idx = [q[0] for q in chunk for _ in (0, 1)]
+                s = [q[1] + (q[2] - q[1]) * f for q in chunk for f in (0.25, 0.75)]
+                g = grads(idx, s)
+                e = along(g, idx)
+                el, emid, er = (torch.stack([q[k] for q in chunk]) for k in (7, 8, 9))
+                whole = torch.stack([q[10] for q in chunk])
+                eq1, eq3 = e[0::2], e[1::2]
+                w = torch.tensor([q[2] - q[1] for q in chunk], dtype=torch.float64, device=e.device)
+                w = w[:, None]
+                left = w / 12 * (el + 4 * eq1 + emid)
+                right = w / 12 * (emid + 4 * eq3 + er)
+                err = (left + right - whole).abs() / 15
+                noise = (
+                    eps
+                    * w
+                    / 12
+                    * (el.abs() + 4 * eq1.abs() + 2 * emid.abs() + 4 * eq3.abs() + er.abs())
+                )
+                depth = torch.tensor([q[3] for q in chunk], dtype=torch.float64, device=e.device)
+                tol_p = tol[None, :] * torch.exp2(-depth)[:, None]
+                ok = (err <= torch.maximum(tol_p, noise)).all(1).tolist()
+                stop = level >= self.max_level
+                for k, q in enumerate(chunk):
+                    j, a, bb, dep, gl, gm, gr = q[:7]
+                    nodes[j] += 2
+                    gq1, gq3 = g[2 * k], g[2 * k + 1]
+                    if stop or (level >= self.min_level and ok[k]):
+                        gbar[j] += (gl + 4 * gq1 + 2 * gm + 4 * gq3 + gr) * ((bb - a) / 12)
+                    else:
+                        # copies: a view would keep the chunk's [2 × panels, B, P] alive
+                        gq1, gq3 = gq1.clone(), gq3.clone()
+                        m = a + (bb - a) / 2
+                        refined.append(
+                            (j, a, m, dep + 1, gl, gq1, gm, el[k], eq1[k], emid[k], left[k])
+                        )
+                        refined.append(
+                            (j, m, bb, dep + 1, gm, gq3, gr, emid[k], eq3[k], er[k], right[k])
+                        )
+                del g
             panels = refined
         return gbar, nodes
 
     def _node_batch(self, b: int, p: int, itemsize: int) -> int:
         """Nodes per batched gradient call: ``node_batch`` or, by default, as many as keep
-        the call's gradients near 16 MB (at least 8, at most 256)."""
+        the call's gradients near 4 MB (at least 8, at most 256)."""
         if self.node_batch is not None:
             return self.node_batch
-        return int(min(256, max(8, 2**24 // max(1, b * p * itemsize))))
+        return int(min(256, max(8, 2**22 // max(1, b * p * itemsize))))
 
     def _group(self, b: int, p: int, itemsize: int) -> int:
-        """Steps integrated together (up to 16): their first-level nodes (2 per step) fit
-        ~32 MB; more steps per group means fewer, larger batched calls."""
-        return int(min(16, max(1, 2**25 // max(1, 3 * b * p * itemsize))))
+        """Steps integrated together (up to 8): their first-level nodes (2 per step) fit
+        ~32 MB; more steps per group means fewer, larger batched calls, but more node
+        gradients held while their panels are refined."""
+        return int(min(8, max(1, 2**25 // max(1, 3 * b * p * itemsize))))
 
     def _tol(self, ctx: ExplainContext, p: dict[str, torch.Tensor]) -> torch.Tensor:
         rtol = self.rtol
