@@ -294,6 +294,34 @@ def test_epk_schedulers_agree(run64: PathRun, digits: Digits, tmp_path: Path) ->
         )
 
 
+def test_epk_batched_nodes_equal_one_node_per_call(
+    run64: PathRun, digits: Digits, tmp_path: Path
+) -> None:
+    """The quadrature batches the nodes of a group of steps level by level into one call;
+    one node per call (node_batch=1) must give the same nodes and scores, and the gathered
+    TensorDataset the same as a callable train_data."""
+    x = digits.x_test[:2].to(torch.float64)
+    batched, rows = _explain(run64, x, "epk", tmp_path)
+    single, single_rows = _explain(run64, x, "epk", tmp_path, node_batch=1)
+    np.testing.assert_array_equal(single["nodes"], batched["nodes"])
+    assert batched["nodes"].max() > 3  # refinement levels were exercised
+    np.testing.assert_allclose(single_rows, rows, rtol=1e-9, atol=1e-15)
+    for k in ("step_scores", "momentum", "weight_decay", "examples"):
+        np.testing.assert_allclose(single[k], batched[k], rtol=1e-9, atol=1e-15)
+    tensors = run64.data().tensors
+    res = explain(
+        run64.path,
+        run64.model(),
+        x,
+        method="epk",
+        train_data=lambda ids: (tensors[0][ids], tensors[1][ids]),
+        progress=False,
+        top_k=5,
+    )["model"]
+    np.testing.assert_allclose(res["examples"], batched["examples"], rtol=1e-12)
+    np.testing.assert_array_equal(res["topk_ids"], batched["topk_ids"])
+
+
 def test_tracin_scores_path_streams_rows(run64: PathRun, digits: Digits, tmp_path: Path) -> None:
     import zarr
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
+from torch.utils.data import TensorDataset
 
 from historystore.errors import EncodingError, HistoryStoreError
 from historystore.read.store import HistoryStore, StepBlock, open_store
@@ -74,7 +75,10 @@ class TrainData:
         """(x, y) of the examples ``ids``; with ``labels`` (the recorded ones, < 0 unknown),
         raise :class:`TrainDataError` where they differ."""
         try:
-            if self.kind == "dataset":
+            if isinstance(self.data, TensorDataset) and len(self.data.tensors) == 2:
+                i = torch.from_numpy(np.asarray(ids, dtype=np.int64))  # one gather, no item loop
+                x, y = (v[i.to(v.device)] for v in self.data.tensors)
+            elif self.kind == "dataset":
                 items = [self.data[int(i)] for i in ids]
                 x = torch.stack([torch.as_tensor(it[0]) for it in items])
                 y = torch.stack([torch.as_tensor(it[1]) for it in items])
@@ -187,14 +191,33 @@ def preconditioner(
 class Functional:
     """The model as a function of the recorded tensors (buffers and untrained parameters are
     held fixed at their final values), evaluated in eval mode on a private copy, so that
-    concurrent step ranges never swap parameters on a shared module."""
+    concurrent step ranges never swap parameters on a shared module. Gradients come back as
+    flat rows [N, P] over the recorded tensors in ``names`` order (views per tensor via
+    :meth:`unflat`), so that quadrature nodes are combined with one op each, not per tensor."""
 
     def __init__(self, model: nn.Module, names: list[str], device: torch.device) -> None:
         self.model = copy.deepcopy(model).to(device).eval()
         recorded = set(names)
-        self.consts = {n: p.detach() for n, p in self.model.named_parameters() if n not in recorded}
+        params = dict(self.model.named_parameters())
+        self.consts = {n: p.detach() for n, p in params.items() if n not in recorded}
         self.consts.update({n: b.detach() for n, b in self.model.named_buffers()})
-        self.dtype = next(iter(p.dtype for _, p in self.model.named_parameters()))
+        self.dtype = next(iter(p.dtype for p in params.values()))
+        self.names = list(names)
+        self.shapes = [tuple(params[n].shape) for n in names]
+        self.sizes = [int(params[n].numel()) for n in names]
+
+    def flat(self, p: dict[str, torch.Tensor], lead: int = 0) -> torch.Tensor:
+        """{name: [*lead dims, *shape]} -> [*lead dims, P]."""
+        return torch.cat([p[n].reshape(*p[n].shape[:lead], -1) for n in self.names], lead)
+
+    def unflat(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[..., P] -> {name: [..., *shape]} (views)."""
+        parts = torch.split(v, self.sizes, dim=-1)
+        lead = v.shape[:-1]
+        return {
+            n: x.reshape(*lead, *sh)
+            for n, x, sh in zip(self.names, parts, self.shapes, strict=True)
+        }
 
     def _out(self, p: dict[str, torch.Tensor], x1: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**self.consts, **p}, (x1.unsqueeze(0),))
@@ -203,41 +226,58 @@ class Functional:
         with torch.no_grad():
             return functional_call(self.model, {**self.consts, **p}, (x,))
 
+    def _per_sample(
+        self,
+        p: torch.Tensor,
+        f: Callable[..., torch.Tensor],
+        args: tuple[torch.Tensor, ...],
+        post: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """∇_θ of sample j's scalar at its own parameter row ``p[j]`` ([N, P]) -> [N, P].
+
+        The batched forward (vmap over parameter rows and inputs) gives every sample its own
+        parameter copy, so one ordinary backward of the summed outputs yields each sample's
+        own gradient: per-example gradients without ``torch.func.grad``, whose first call
+        imports torch._dynamo (1.5 s) and whose per-call overhead is twice as high."""
+        with torch.enable_grad():
+            leaf = p.detach().requires_grad_(True)
+            out = vmap(lambda row, *a: f(self.unflat(row), *a))(leaf, *args)
+            if post is not None:
+                out = post(out)
+            (g,) = torch.autograd.grad(out.sum(), [leaf], materialize_grads=True)
+        return g
+
+    def _logit(self, p: dict[str, torch.Tensor], x1: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.gather(self._out(p, x1).reshape(-1), 0, c.reshape(1))[0]
+
     def test_grads(
         self, p: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """∇_θ f(x_b; θ) for every test point b: {name: [B, *shape]}."""
+        row = self.flat(p)
+        return self.unflat(self._per_sample(row.expand(len(x), -1), self._logit, (x, target)))
 
-        def f(p: dict[str, torch.Tensor], x1: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return torch.gather(self._out(p, x1).reshape(-1), 0, c.reshape(1))[0]
-
-        return vmap(grad(f), in_dims=(None, 0, 0))(p, x, target)
-
-    def test_grads_along(
-        self,
-        th0: dict[str, torch.Tensor],
-        d: dict[str, torch.Tensor],
-        s: torch.Tensor,
-        x: torch.Tensor,
-        target: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """∇_θ f(x_b; θ_0 + s_k d) for several nodes s_k at once: {name: [K, B, *shape]}
-        (one batched call instead of K: the per-call overhead dominates on small models)."""
-
-        def at(sk: torch.Tensor) -> dict[str, torch.Tensor]:
-            return self.test_grads({n: th0[n] + sk * d[n] for n in th0}, x, target)
-
-        return vmap(at)(s.to(next(iter(th0.values())).dtype))
+    def test_grads_at(self, p: torch.Tensor, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """∇_θ f(x_b; θ_k) at K flat parameter points ``p`` [K, P] at once -> [K, B, P]: one
+        batched call instead of K, since the per-call overhead dominates on small models."""
+        k, b = p.shape[0], len(x)
+        rows = p.unsqueeze(1).expand(k, b, p.shape[1]).reshape(k * b, p.shape[1])
+        xk = x.repeat(k, *([1] * (x.dim() - 1)))
+        return self._per_sample(rows, self._logit, (xk, target.repeat(k))).reshape(k, b, -1)
 
     def train_grads(
         self, p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
     ) -> dict[str, torch.Tensor]:
-        """∇_θ ℓ(z_i; θ) for every training example i: {name: [m, *shape]}."""
+        """∇_θ ℓ(z_i; θ) for every training example i: {name: [m, *shape]}. The loss is
+        applied per example outside vmap (its own call on (output_i, y_i), as in training on a
+        batch of one): under vmap torch's losses run as Python decompositions, slower and
+        importing sympy on first use."""
 
-        def f(p: dict[str, torch.Tensor], x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
-            return loss_fn(self._out(p, x1), y1.unsqueeze(0))
+        def post(out: torch.Tensor) -> torch.Tensor:
+            return torch.stack([loss_fn(out[i], y[i : i + 1]) for i in range(len(y))])
 
-        return vmap(grad(f), in_dims=(None, 0, 0))(p, x, y)
+        rows = self.flat(p).expand(len(x), -1)
+        return self.unflat(self._per_sample(rows, self._out, (x,), post))
 
 
 def pair_scores(

@@ -43,8 +43,11 @@ same for f_0 + Σ_t ⟨ḡ_t, Δ_t⟩ alone. Per-example gradients are taken in 
 final buffers (no batch-norm batch statistics), so models whose training loss mixes examples
 show that in ``residual``.
 
-Cost per test batch of B points: per step (nodes − 1) vmapped gradients over B test points plus
-one over the |B_t| examples; memory O(B × params + |B_t| × params + B × num_train).
+Cost per test batch of B points: per step (nodes − 1) gradients over B test points plus one
+over the |B_t| examples. The steps of a block are integrated in groups of up to 8, level by
+level, so one refinement level of the whole group is one batched call (per-call overhead, not
+arithmetic, dominates on small models); memory O(nodes in flight × B × params + |B_t| ×
+params + B × num_train).
 """
 
 from __future__ import annotations
@@ -85,9 +88,10 @@ class PathKernelMethod(PathMethod):
     (default 1e-10 for float64 models, 1e-5 otherwise); ``max_level``: panels no narrower
     than 2^-max_level of the step; ``min_level``: at least 2^min_level + 1 nodes;
     ``node_batch``: quadrature nodes evaluated in one batched call (memory node_batch × B ×
-    params); ``momentum_window``: attribute what momentum carries from the last W batches
-    (within a keyframe interval) to their examples too, keeping their per-example gradients
-    (memory W × |B| × params); the rest stays in the ``momentum`` term."""
+    params; default: ~4 MB of gradients, 8..256 nodes); ``momentum_window``: attribute what
+    momentum carries from the last W batches (within a keyframe interval) to their examples
+    too, keeping their per-example gradients (memory W × |B| × params); the rest stays in
+    the ``momentum`` term."""
 
     name = "epk"
     exact = True
@@ -103,13 +107,13 @@ class PathKernelMethod(PathMethod):
         max_level: int = 12,
         train_batch_size: int = 256,
         allow_lossy: bool = False,
-        node_batch: int = 16,
+        node_batch: int | None = None,
         momentum_window: int = 0,
     ) -> None:
         super().__init__(top_k, keep_scores, target, train_batch_size, allow_lossy)
-        if node_batch < 1:
+        if node_batch is not None and node_batch < 1:
             raise ValueError(f"node_batch must be >= 1, got {node_batch}")
-        self.node_batch = int(node_batch)
+        self.node_batch = None if node_batch is None else int(node_batch)
         if momentum_window < 0:
             raise ValueError(f"momentum_window must be >= 0, got {momentum_window}")
         self.momentum_window = int(momentum_window)
@@ -136,87 +140,135 @@ class PathKernelMethod(PathMethod):
         )
 
     # -- quadrature --------------------------------------------------------------------------
-    def _integral(
-        self,
-        state: PathState,
-        ctx: ExplainContext,
-        t: int,
-        th0: dict[str, torch.Tensor],
-        th1: dict[str, torch.Tensor],
-        d: dict[str, torch.Tensor],
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        """ḡ_t by locally adaptive Simpson quadrature on [θ_t, θ_t+1], and the nodes spent.
+    def _quadrature(
+        self, state: PathState, ctx: ExplainContext, block: StepBlock, lo: int, hi: int
+    ) -> tuple[torch.Tensor, list[int]]:
+        """ḡ_t of the steps lo..hi−1 of ``block`` (flat [steps, B, P]) by locally adaptive
+        Simpson quadrature on each segment [θ_t, θ_t+1], and the nodes spent per step.
 
-        Smooth, small steps stop at 3 nodes (Simpson against the trapezoid rule on the same
-        nodes); otherwise panels are bisected where their two halves disagree (kinks of ReLU
-        or max-pooling sit in one panel, so only that panel is refined), each half with half
-        the tolerance, down to panels of width 2^-max_level. The panels of one level are
-        refined together: all their new nodes are one batched gradient call."""
-        assert state.fn is not None
+        A step keeps 3 nodes when Simpson and the trapezoid rule agree; otherwise the panels
+        whose two halves disagree are bisected (kinks of ReLU or max-pooling sit in one panel,
+        so only that panel is refined), each half with half the tolerance, down to panels of
+        width 2^-max_level. All steps of the group advance level by level together, so one
+        level of all their panels is one batched gradient call (chunks of ``node_batch``)
+        instead of one call per step and level; the endpoints θ_t are evaluated once and
+        shared by the two steps that meet there (also across groups and blocks)."""
+        assert state.fn is not None and block.params is not None
         fn, p = state.fn, ctx.extra["path"]
-        x, c = p["x"], p["target"]
+        x, c, b = p["x"], p["target"], ctx.batch_size
+        g_len = hi - lo
+        theta = fn.flat({n: block.params[n][lo : hi + 1] for n in self.names}, 1)  # [G+1, P]
+        dflat = theta[1:] - theta[:-1]  # [G, P]
+        dpad = torch.cat([dflat, torch.zeros_like(dflat[:1])])
+        nb = self._node_batch(b, theta.shape[1], theta.element_size())
+
+        def grads(idx: list[int], s: list[float]) -> torch.Tensor:
+            """Gradients at θ_i + s Δ_i for the (local step i, node s) pairs -> [K, B, P]."""
+            out = []
+            for k in range(0, len(idx), nb):
+                i = torch.tensor(idx[k : k + nb], device=theta.device)
+                sk = torch.tensor(s[k : k + nb], dtype=theta.dtype, device=theta.device)
+                out.append(fn.test_grads_at(theta[i] + sk[:, None] * dpad[i], x, c))
+            return out[0] if len(out) == 1 else torch.cat(out)
+
+        def along(g: torch.Tensor, steps: list[int] | slice) -> torch.Tensor:
+            """⟨g_k, Δ of step k's segment⟩ -> [K, B] float64 (only the stopping rule uses
+            it; the step's path term is taken in float64 from ḡ)."""
+            return torch.bmm(g, dflat[steps].unsqueeze(2)).squeeze(2).double()
+
         carry = state.carry
-        dev = th0[next(iter(th0))].device
-
-        def at(s: list[float]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-            """Gradients at the nodes s (chunks of ``node_batch``) and ⟨g, Δ_t⟩ [K, B]."""
-            gs: list[dict[str, torch.Tensor]] = []
-            es = []
-            for i in range(0, len(s), self.node_batch):
-                nodes = torch.tensor(s[i : i + self.node_batch], device=dev)
-                g = fn.test_grads_along(th0, d, nodes, x, c)
-                es.append(total({n: _along(g[n], d[n]) for n in g}))
-                gs += [{n: v[k] for n, v in g.items()} for k in range(len(nodes))]
-            return gs, torch.cat(es)
-
-        if carry.get("t") == t:
-            (gm, g1), e = at([0.5, 1.0])
-            g0 = carry["end"]
-            e0 = total(dots(g0, d))  # along this step's Δ
-            em, e1 = e[0], e[1]
-        else:
-            (g0, gm, g1), e = at([0.0, 0.5, 1.0])
-            e0, em, e1 = e[0], e[1], e[2]
-        carry.update(t=t + 1, end=g1)
-        simpson = (e0 + 4 * em + e1) / 6
-        trapezoid = (e0 + 2 * em + e1) / 4
+        t0 = block.start + lo
+        reuse = carry.get("t") == t0
+        ends = list(range(1 if reuse else 0, g_len + 1))
+        gall = grads(ends + list(range(g_len)), [0.0] * len(ends) + [0.5] * g_len)
+        gend = torch.cat([carry["end"][None], gall[: len(ends)]]) if reuse else gall[: len(ends)]
+        gmid = gall[len(ends) :]
+        carry.update(t=block.start + hi, end=gend[g_len].clone())
+        e0, em, e1 = (
+            along(gend[:-1], slice(None)),
+            along(gmid, slice(None)),
+            along(gend[1:], slice(None)),
+        )
         tol = self._tol(ctx, p)
         eps = 64 * torch.finfo(fn.dtype).eps
+        simpson = (e0 + 4 * em + e1) / 6
+        trapezoid = (e0 + 2 * em + e1) / 4
         noise = eps * (e0.abs() + 4 * em.abs() + e1.abs()) / 6
-        if self.min_level <= 1 and bool(
-            ((simpson - trapezoid).abs() <= torch.maximum(tol, noise)).all()
-        ):
-            return {n: (g0[n] + 4 * gm[n] + g1[n]) / 6 for n in d}, 3
-        gbar = {n: torch.zeros_like(v) for n, v in g0.items()}
-        nodes = 3
-        panels = [(0.0, 1.0, g0, gm, g1, e0, em, e1, simpson, tol)]
+        done = ((simpson - trapezoid).abs() <= torch.maximum(tol, noise)).all(1)
+        done = (done & (self.min_level <= 1)).tolist()
+        gbar = torch.empty(g_len, b, theta.shape[1], dtype=gall.dtype, device=gall.device)
+        nodes = [3] * g_len
+        # a panel: (step, a, b, depth, g at a, mid, b; e at a, mid, b; Simpson on it)
+        panels = []
+        for j in range(g_len):
+            if done[j]:
+                gbar[j] = (gend[j] + 4 * gmid[j] + gend[j + 1]) / 6
+            else:
+                gbar[j] = 0
+                panels.append(
+                    (j, 0.0, 1.0, 0, gend[j], gmid[j], gend[j + 1], e0[j], em[j], e1[j], simpson[j])
+                )
         level = 1
         while panels:
             level += 1
-            s = [a + w * f for a, b, *_ in panels for w in (b - a,) for f in (0.25, 0.75)]
-            gs, es = at(s)
-            nodes += len(s)
             refined = []
-            for j, (a, b, gl, gmid, gr, el, emid, er, whole, tol_p) in enumerate(panels):
-                gq1, gq3, eq1, eq3 = gs[2 * j], gs[2 * j + 1], es[2 * j], es[2 * j + 1]
-                w = b - a
+            # chunks of panels: a level's gradients never exist all at once
+            for c0 in range(0, len(panels), max(1, nb // 2)):
+                chunk = panels[c0 : c0 + max(1, nb // 2)]
+                idx = [q[0] for q in chunk for _ in (0, 1)]
+                s = [q[1] + (q[2] - q[1]) * f for q in chunk for f in (0.25, 0.75)]
+                g = grads(idx, s)
+                e = along(g, idx)
+                el, emid, er = (torch.stack([q[k] for q in chunk]) for k in (7, 8, 9))
+                whole = torch.stack([q[10] for q in chunk])
+                eq1, eq3 = e[0::2], e[1::2]
+                w = torch.tensor([q[2] - q[1] for q in chunk], dtype=torch.float64, device=e.device)
+                w = w[:, None]
                 left = w / 12 * (el + 4 * eq1 + emid)
                 right = w / 12 * (emid + 4 * eq3 + er)
                 err = (left + right - whole).abs() / 15
-                noise = eps * w / 12 * (el.abs() + 4 * eq1.abs() + 2 * emid.abs() + 4 * eq3.abs())
-                if level >= self.max_level or (
-                    level >= self.min_level and bool((err <= torch.maximum(tol_p, noise)).all())
-                ):
-                    for n in gbar:
-                        gbar[n] += (gl[n] + 4 * gq1[n] + 2 * gmid[n] + 4 * gq3[n] + gr[n]) * (
-                            w / 12
+                noise = (
+                    eps
+                    * w
+                    / 12
+                    * (el.abs() + 4 * eq1.abs() + 2 * emid.abs() + 4 * eq3.abs() + er.abs())
+                )
+                depth = torch.tensor([q[3] for q in chunk], dtype=torch.float64, device=e.device)
+                tol_p = tol[None, :] * torch.exp2(-depth)[:, None]
+                ok = (err <= torch.maximum(tol_p, noise)).all(1).tolist()
+                stop = level >= self.max_level
+                for k, q in enumerate(chunk):
+                    j, a, bb, dep, gl, gm, gr = q[:7]
+                    nodes[j] += 2
+                    gq1, gq3 = g[2 * k], g[2 * k + 1]
+                    if stop or (level >= self.min_level and ok[k]):
+                        gbar[j] += (gl + 4 * gq1 + 2 * gm + 4 * gq3 + gr) * ((bb - a) / 12)
+                    else:
+                        # copies: a view would keep the chunk's [2 × panels, B, P] alive
+                        gq1, gq3 = gq1.clone(), gq3.clone()
+                        m = a + (bb - a) / 2
+                        refined.append(
+                            (j, a, m, dep + 1, gl, gq1, gm, el[k], eq1[k], emid[k], left[k])
                         )
-                else:
-                    m = a + w / 2
-                    refined.append((a, m, gl, gq1, gmid, el, eq1, emid, left, tol_p / 2))
-                    refined.append((m, b, gmid, gq3, gr, emid, eq3, er, right, tol_p / 2))
+                        refined.append(
+                            (j, m, bb, dep + 1, gm, gq3, gr, emid[k], eq3[k], er[k], right[k])
+                        )
+                del g
             panels = refined
         return gbar, nodes
+
+    def _node_batch(self, b: int, p: int, itemsize: int) -> int:
+        """Nodes per batched gradient call: ``node_batch`` or, by default, as many as keep
+        the call's gradients near 4 MB (at least 8, at most 256)."""
+        if self.node_batch is not None:
+            return self.node_batch
+        return int(min(256, max(8, 2**22 // max(1, b * p * itemsize))))
+
+    def _group(self, b: int, p: int, itemsize: int) -> int:
+        """Steps integrated together (up to 8): their first-level nodes (2 per step) fit
+        ~32 MB; more steps per group means fewer, larger batched calls, but more node
+        gradients held while their panels are refined."""
+        return int(min(8, max(1, 2**25 // max(1, 3 * b * p * itemsize))))
 
     def _tol(self, ctx: ExplainContext, p: dict[str, torch.Tensor]) -> torch.Tensor:
         rtol = self.rtol
@@ -284,7 +336,8 @@ class PathKernelMethod(PathMethod):
                 ga[n] = gbar[n] * a
             else:
                 mu, damp = float(hp["momentum"][t]), float(hp["dampening"][t])
-                first = m_prev is None or not bool(m_prev.any())
+                # torch starts the buffer as a copy of d_p (no dampening) on its first step
+                first = m_prev is None or (damp != 0 and not bool(m_prev.any()))
                 c_g = 1.0 if (mu == 0 or first) else 1.0 - damp
                 c_m = mu
                 w_buf, decay = c_g, mu  # buf_t = μ buf_{t−1} + w d_t
@@ -305,12 +358,18 @@ class PathKernelMethod(PathMethod):
         b, s_len = ctx.batch_size, block.num_steps
         steps = torch.zeros(b, s_len, dtype=torch.float64, device=dev)
         nodes = np.zeros(s_len, dtype=np.int32)
+        p_len = sum(fn.sizes)
+        group = self._group(b, p_len, block.params[self.names[0]].element_size())
+        gflat = torch.empty(0)
         for i in range(s_len):
             t = block.start + i
+            if i % group == 0:
+                hi = min(s_len, i + group)
+                gflat, spent = self._quadrature(state, ctx, block, i, hi)
+                nodes[i:hi] = spent
             th0 = {n: block.params[n][i] for n in self.names}
-            th1 = {n: block.params[n][i + 1] for n in self.names}
-            d = {n: th1[n] - th0[n] for n in self.names}
-            gbar, nodes[i] = self._integral(state, ctx, t, th0, th1, d)
+            d = {n: block.params[n][i + 1] - th0[n] for n in self.names}
+            gbar = fn.unflat(gflat[i % group])
             per = dots(gbar, d)
             path = total(per)
             for k, n in enumerate(self.names):
