@@ -2,13 +2,13 @@
 
 Readers trust only the committed counts in ``/commit``: anything a killed writer left beyond
 them is invisible. θ_t is rebuilt from the nearest keyframe ≤ t by replaying the stored deltas
-and the sparse exact-replay corrections, so lossless stores replay bit for bit.
+and the sparse exact-replay corrections, so lossless stores replay bit for bit (that replay is in
+:mod:`.replay`; putting a recorded state back into a model and optimizer is in :mod:`.restore`).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,11 +21,13 @@ import zarr
 from .. import tensors
 from ..encodings import Encoding, get_encoding
 from ..encodings import state as optim_state
-from ..errors import CorruptStoreError, EncodingError, ModelMismatchError, NotAStoreError
+from ..errors import CorruptStoreError, NotAStoreError
 from ..meta import layout
 from ..meta.commit import Commit
 from ..meta.layout import RunMeta, TensorInfo
 from ..meta.validate import validate_store
+from . import replay as _replay
+from . import restore as _restore
 
 
 @dataclass(frozen=True)
@@ -261,51 +263,17 @@ class HistoryStore:
 
     def fixes(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Exact-replay corrections of steps [start, stop): (offsets, tensor, index, bits)."""
-        a, b = int(self._fix_off[start]), int(self._fix_off[stop])
-        off = self._fix_off[start : stop + 1] - a
-        return (
-            off,
-            self._read("fixes/tensor", a, b),
-            self._read("fixes/index", a, b),
-            self._read("fixes/bits", a, b),
-        )
+        return _replay.fixes(self, start, stop)
 
     def params_at(
         self, t: int, names: Sequence[str] | None = None, device: str | torch.device = "cpu"
     ) -> dict[str, torch.Tensor]:
         """θ_t (``params_at(0)`` initial, ``params_at(num_steps)`` final weights)."""
-        t = self._check_step(t, self.num_steps)
-        names = self._names(names)
-        k = self._keyframe_index(t)
-        if t != self.keyframe_steps[k]:
-            for n in names:
-                enc = self.encodings[n]
-                if "dense" not in enc.capabilities:
-                    raise EncodingError(
-                        f"θ_{t} of {n!r} cannot be rebuilt: its encoding {enc.name!r} cannot be "
-                        f"decoded, so θ is known only at keyframes {self.keyframe_steps.tolist()}"
-                    )
-        theta = {n: v.to(device) for n, v in self.keyframe(k, names).items()}
-        self.replay(theta, int(self.keyframe_steps[k]), t)
-        return theta
+        return _replay.params_at(self, t, names, device)
 
     def replay(self, theta: dict[str, torch.Tensor], start: int, stop: int) -> None:
         """Advance ``theta`` (θ_start, in place) to θ_stop, exactly for lossless tensors."""
-        if stop <= start:
-            return
-        spb = self.steps_per_block
-        b0 = start
-        while b0 < stop:  # block-aligned reads; ``start`` may sit inside a block
-            b1 = min(stop, (b0 // spb + 1) * spb)
-            off, ften, fidx, fbits = self.fixes(b0, b1)
-            deltas = {n: self._dense(n, b0, b1, theta[n].device) for n in theta}
-            for i in range(b1 - b0):
-                for n, th in theta.items():
-                    th.add_(deltas[n][i])
-                lo, hi = int(off[i]), int(off[i + 1])
-                if hi > lo:
-                    _apply_fixes(theta, self.tensor_names, ften[lo:hi], fidx[lo:hi], fbits[lo:hi])
-            b0 = b1
+        _replay.replay(self, theta, start, stop)
 
     def optimizer_state(self, t: int) -> dict[str, dict[str, torch.Tensor]]:
         """The optimizer's per-parameter state after step t (0 ≤ t < num_steps).
@@ -484,28 +452,9 @@ class HistoryStore:
         for block in blocks:
             if theta is None:
                 theta = self.params_at(block.start, list(block.deltas), block_device(block))
-            block.params = self._params_along(block, theta)
+            block.params = _replay.params_along(self, block, theta)
             theta = {n: p[-1].clone() for n, p in block.params.items()}
             yield block
-
-    def _params_along(
-        self, block: StepBlock, theta: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """[steps + 1, *shape] θ_t of one block, exactly as :meth:`replay` rebuilds them."""
-        out = {}
-        for n, th in theta.items():
-            p = torch.empty((block.num_steps + 1, *th.shape), dtype=th.dtype, device=th.device)
-            p[0] = th
-            out[n] = p
-        off, ften, fidx, fbits = self.fixes(block.start, block.stop)
-        for i in range(block.num_steps):
-            for n, p in out.items():
-                torch.add(p[i], block.deltas[n][i], out=p[i + 1])
-            lo, hi = int(off[i]), int(off[i + 1])
-            if hi > lo:
-                row = {n: p[i + 1] for n, p in out.items()}
-                _apply_fixes(row, self.tensor_names, ften[lo:hi], fidx[lo:hi], fbits[lo:hi])
-        return out
 
     def _scan(
         self,
@@ -540,21 +489,10 @@ class HistoryStore:
                     )
                 yield fut.result()
 
-    # -- models ------------------------------------------------------------------------------
+    # -- models (see restore.py) -------------------------------------------------------------
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise ModelMismatchError unless the model has the recorded tensors."""
-        params = dict(model.named_parameters())
-        for t in self.meta.tensors:
-            p = params.get(t.name)
-            if p is None:
-                raise ModelMismatchError(
-                    f"the model has no parameter {t.name!r} recorded in {self.path}"
-                )
-            if tuple(p.shape) != t.shape or tensors.dtype_name(p.dtype) != t.dtype:
-                raise ModelMismatchError(
-                    f"parameter {t.name!r}: store has {t.shape} {t.dtype}, model has "
-                    f"{tuple(p.shape)} {tensors.dtype_name(p.dtype)}"
-                )
+        _restore.check_model(self, model)
 
     def restore(
         self,
@@ -564,51 +502,7 @@ class HistoryStore:
     ) -> None:
         """Load θ_step (default: the last step) and buffers into ``model``; with an optimizer,
         also its recorded state and hyperparameters after step-1 (to resume training)."""
-        step = self.num_steps if step is None else self._check_step(step, self.num_steps)
-        self.check_model(model)
-        theta = self.params_at(step)
-        params = dict(model.named_parameters())
-        # buffers and untrained parameters are saved at keyframes only
-        targets = {**params, **dict(model.named_buffers())}
-        kf = int(self.keyframe_steps[self._keyframe_index(step)])
-        if kf != step and self.meta.buffers:
-            warnings.warn(
-                f"{self.path}: no keyframe at step {step} (the recorder did not close cleanly, "
-                f"or step is between keyframes): buffers such as BatchNorm statistics come from "
-                f"step {kf}",
-                stacklevel=2,
-            )
-        with torch.no_grad():
-            for n, v in theta.items():
-                params[n].copy_(v)
-            for n, v in self.buffers_at(step).items():
-                if n in targets:
-                    targets[n].copy_(v)
-        if optimizer is not None and step > 0:
-            self._restore_optimizer(optimizer, params, step - 1)
-
-    def _restore_optimizer(
-        self, optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], t: int
-    ) -> None:
-        state = self.optimizer_state(t) if self.meta.optim_state else {}
-        for name, st in state.items():
-            p = params[name]
-            dst = optimizer.state[p]
-            for k, v in st.items():
-                dst[k] = v.to(p.device).clone() if v.dim() or k != "step" else v.clone()
-        hp = {k: float(v[t]) for k, v in self._hparams.items()}
-        for i, g in enumerate(optimizer.param_groups):
-            for key, value in list(g.items()):
-                if key == "params":
-                    continue
-                if f"g{i}.{key}" in hp:
-                    g[key] = (
-                        type(value)(hp[f"g{i}.{key}"])
-                        if isinstance(value, (int, float))
-                        else hp[f"g{i}.{key}"]
-                    )
-                elif isinstance(value, tuple) and f"g{i}.{key}.0" in hp:
-                    g[key] = tuple(hp[f"g{i}.{key}.{j}"] for j in range(len(value)))
+        _restore.restore(self, model, optimizer, step)
 
     def encoding_error(self) -> np.ndarray:
         """[steps, tensors, 2] relative error of each decoded Δ_t and of the replayed θ_(t+1)
@@ -654,26 +548,6 @@ def _offsets(counts: np.ndarray) -> np.ndarray:
     out = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=out[1:])
     return out
-
-
-def _apply_fixes(
-    theta: dict[str, torch.Tensor],
-    names: list[str],
-    ften: np.ndarray,
-    fidx: np.ndarray,
-    fbits: np.ndarray,
-) -> None:
-    for ti in np.unique(ften):
-        name = names[int(ti)]
-        th = theta.get(name)
-        if th is None:
-            continue
-        sel = ften == ti
-        it = tensors.int_view_dtype(th.dtype)
-        np_it = {torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}[it]
-        bits = torch.from_numpy(fbits[sel].astype(np_it)).to(th.device)
-        idx = torch.from_numpy(fidx[sel]).to(th.device)
-        th.view(-1).view(it)[idx] = bits
 
 
 def open_store(
