@@ -1,8 +1,9 @@
 """Write side: ``Recorder`` snapshots every optimizer step into blocks for the writer.
 
-Its parts live beside it: the exact-replay deltas and corrections in :mod:`.exact`, the
-optimizer-state layout and capture in :mod:`.state`, the keyframe policy in :mod:`.keyframes`,
-device→host copies in :mod:`.transfer`, and the background writer in :mod:`.writer`.
+Its parts live beside it: creating a store or reopening one to resume in :mod:`.open`, the
+exact-replay deltas and corrections in :mod:`.exact`, the optimizer-state layout and capture in
+:mod:`.state`, the keyframe policy in :mod:`.keyframes`, device→host copies in
+:mod:`.transfer`, and the background writer in :mod:`.writer`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,18 +20,16 @@ import torch
 
 from .. import tensors
 from ..config import RecorderConfig
-from ..encodings import Encoding, StepContext, get_encoding, resolve
-from ..encodings.state import state_plan
-from ..errors import EncodingError, ModelMismatchError, NotAStoreError, RecorderError
+from ..encodings import Encoding, StepContext, get_encoding
+from ..errors import EncodingError, NotAStoreError, RecorderError
 from ..meta import layout
-from ..meta.commit import Commit
-from ..meta.layout import ArrayInfo, RunMeta, TensorInfo
 from .exact import ExactDeltas, Fixes
 from .keyframes import keyframe_due, make_keyframe
 from .lock import writer_lock
+from .open import create_new, named_trainable, numeric_hparams, open_existing
 from .state import StateCapture
 from .transfer import HostCopier
-from .writer import Block, BlockWriter, create_layout
+from .writer import Block, BlockWriter
 
 IdsLike = torch.Tensor | np.ndarray | Sequence[int]
 
@@ -49,40 +45,6 @@ def _as_ids(x: IdsLike | None, what: str) -> np.ndarray:
             f"{what} must be a 1-D sequence of integers, got shape {a.shape} dtype {a.dtype}"
         )
     return a.astype(np.int64, copy=False)
-
-
-def _numeric_hparams(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Numeric per-group hyperparameters, flattened to ``g<i>.<key>[.<j>]``."""
-    out: dict[str, float] = {}
-    for i, group in enumerate(optimizer.param_groups):
-        for key, value in group.items():
-            if key == "params" or isinstance(value, bool):
-                continue
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if isinstance(value, (int, float)):
-                out[f"g{i}.{key}"] = float(value)
-            elif (
-                isinstance(value, (tuple, list))
-                and value
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            ):
-                for j, v in enumerate(value):
-                    out[f"g{i}.{key}.{j}"] = float(v)
-    return out
-
-
-def _static_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    out = []
-    for group in optimizer.param_groups:
-        out.append(
-            {
-                k: v
-                for k, v in group.items()
-                if k != "params" and (isinstance(v, (bool, str)) or v is None)
-            }
-        )
-    return out
 
 
 class _BufferPool:
@@ -147,22 +109,6 @@ class Recorder:
         self._broken: BaseException | None = None
 
     # -- setup -------------------------------------------------------------------------------
-    def _named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        named = [(n, p) for n, p in self.model.named_parameters() if id(p) in in_opt]
-        known = {id(p) for _, p in named}
-        stray = [p for p in in_opt if p not in known]
-        if stray:
-            raise ModelMismatchError(
-                f"the optimizer holds {len(stray)} tensors that are not parameters of the model"
-            )
-        if not named:
-            raise ModelMismatchError("the optimizer holds none of the model's parameters")
-        for n, p in named:
-            if not p.is_floating_point():
-                raise ModelMismatchError(f"parameter {n!r} has non-float dtype {p.dtype}")
-        return named
-
     def __enter__(self) -> Recorder:
         if self._entered:
             raise RecorderError("a Recorder can be entered only once")
@@ -175,7 +121,7 @@ class Recorder:
             raise
 
     def _enter(self) -> Recorder:
-        self._params = self._named_trainable()
+        self._params = named_trainable(self.model, self.optimizer)
         trained = {id(p) for _, p in self._params}
         # buffers (BatchNorm statistics) and parameters the optimizer does not train (a frozen
         # backbone): no deltas, but saved at every keyframe so that restore() rebuilds θ whole
@@ -187,9 +133,24 @@ class Recorder:
         self.device = self._params[0][1].device
         self._cuda = self.device.type == "cuda"
         if self.resume:
-            self._open_existing()
+            opened = open_existing(
+                self.path, self.storage_options, self.optimizer, self._params, self._buffers
+            )
         else:
-            self._create_new()
+            opened = create_new(
+                self.path,
+                self.storage_options,
+                self.model,
+                self.optimizer,
+                self._params,
+                self._buffers,
+                self.config,
+                self.run_config,
+                overwrite=self.overwrite,
+            )
+        self.meta, self._group, self._commit = opened.meta, opened.group, opened.commit
+        self._buffers, self._init_layout = opened.buffers, opened.init_layout
+        self._last_keyframe = opened.last_keyframe
         self._group_of = self._param_groups()
         self._encs: list[Encoding] = [
             get_encoding(t.encoding, t.shape, t.dtype, **t.encoding_params)
@@ -243,125 +204,6 @@ class Recorder:
             self._block.keyframes.append(self._keyframe(0))
             self._flush(force=True)
         return self
-
-    def _create_new(self) -> None:
-        if layout.exists(self.path, self.storage_options):
-            if not self.overwrite:
-                raise RecorderError(
-                    f"{self.path} already exists; pass resume=True to append to it or "
-                    "overwrite=True to replace it"
-                )
-            p = Path(self.path)
-            if layout.is_local(self.path):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-            # a URL: zarr's mode "w" below deletes every key under the prefix
-        cfg = self.config
-        plan = state_plan(cfg.profile, self.optimizer)
-        infos = []
-        modules = dict(self.model.named_modules())
-        step_bytes = 0  # host bytes one step takes in a block: the encodings' arrays + state
-        row_bytes: list[int] = []
-        for n, p in self._params:
-            dtype = tensors.dtype_name(p.dtype)
-            enc_name, params, reason = resolve(
-                cfg.delta_rules(), n, p, modules.get(n.rpartition(".")[0]), self.optimizer
-            )
-            enc = get_encoding(enc_name, tuple(p.shape), dtype, **params)
-            nbytes = sum(
-                int(np.prod(a.shape, dtype=np.int64))
-                * np.dtype(layout.storage_dtype(a.dtype)).itemsize
-                for a in enc.arrays().values()
-            )
-            step_bytes += nbytes
-            if cfg.optimizer_state == "every_step":  # Adam-like: two state tensors, or v codes
-                step_bytes += p.numel() if plan else 2 * p.numel() * p.element_size()
-            infos.append(
-                TensorInfo(
-                    name=n,
-                    shape=tuple(p.shape),
-                    dtype=dtype,
-                    encoding=enc_name,
-                    encoding_params=enc.params(),
-                    encoding_reason=reason,
-                    codec=cfg.codec,
-                )
-            )
-            row_bytes.append(nbytes)
-        spb = cfg.resolve_steps_per_block(step_bytes)
-        infos = [
-            replace(t, chunk_steps=layout.chunk_steps_for(nb, spb, cfg.chunk_bytes))
-            for t, nb in zip(infos, row_bytes, strict=True)
-        ]
-        self.meta = RunMeta(
-            tensors=infos,
-            buffers=[
-                ArrayInfo(n, tuple(b.shape), tensors.dtype_name(b.dtype)) for n, b in self._buffers
-            ],
-            optimizer={
-                "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__qualname__}",
-                "groups": [
-                    [n for n, p in self._params if any(p is q for q in g["params"])]
-                    for g in self.optimizer.param_groups
-                ],
-                "static": _static_hparams(self.optimizer),
-            },
-            optim_state={},
-            hparam_keys=sorted(_numeric_hparams(self.optimizer)),
-            config=self.run_config,
-            recorder={
-                **cfg.to_json(),
-                "steps_per_block": spb,
-                "state_plan": state_plan(cfg.profile, self.optimizer),
-            },
-        )
-        self._group = layout.open_group(self.path, "w", self.storage_options)
-        self._group.update_attributes({layout.ATTR_KEY: self.meta.to_json()})
-        # the arrays are created by the writer thread before its first block (~40 zarr.json
-        # writes, 0.1-0.2 s): training starts meanwhile
-        self._init_layout = lambda: create_layout(self._group, self.meta, spb)
-        self._commit = Commit()
-
-    def _open_existing(self) -> None:
-        from ..read.store import open_store
-
-        store = open_store(self.path, storage_options=self.storage_options)
-        self.meta = store.meta
-        recorded = [(t.name, t.shape, t.dtype) for t in self.meta.tensors]
-        current = [(n, tuple(p.shape), tensors.dtype_name(p.dtype)) for n, p in self._params]
-        if recorded != current:
-            raise ModelMismatchError(
-                f"the model does not match the store {self.path}: "
-                f"{_first_difference(recorded, current)}"
-            )
-        cls = f"{type(self.optimizer).__module__}.{type(self.optimizer).__qualname__}"
-        if cls != self.meta.optimizer["class"]:
-            raise ModelMismatchError(
-                f"the store was recorded with {self.meta.optimizer['class']}, not {cls}"
-            )
-        if sorted(_numeric_hparams(self.optimizer)) != self.meta.hparam_keys:
-            raise ModelMismatchError("the optimizer's param groups differ from the recorded ones")
-        t = store.num_steps
-        last = store.params_at(t)
-        for n, p in self._params:
-            if not torch.equal(
-                p.detach().cpu().view(tensors.int_view_dtype(p.dtype)),
-                last[n].view(tensors.int_view_dtype(p.dtype)),
-            ):
-                raise ModelMismatchError(
-                    f"parameter {n!r} differs from the store's θ_{t}: restore the model first "
-                    "with open_store(path).restore(model, optimizer)"
-                )
-        stored = {b.name: b for b in self.meta.buffers}
-        current_bufs = dict(self._buffers)
-        missing = sorted(set(stored) - set(current_bufs))
-        if missing:
-            raise ModelMismatchError(
-                f"the model lacks the recorded buffers/untrained parameters {missing}"
-            )
-        self._buffers = [(n, current_bufs[n]) for n in stored]  # the store's list decides
-        self._group = layout.open_group(self.path, "r+", self.storage_options)
-        self._commit = store.commit
-        self._last_keyframe = int(store.keyframe_steps[-1])
 
     def _param_groups(self) -> list[int]:
         return [
@@ -539,7 +381,7 @@ class Recorder:
                     f"{int(a.argmin())} (step {self._t}; the step was not recorded: call "
                     "rec.step() again with valid ids)"
                 )
-        hp = _numeric_hparams(self.optimizer)
+        hp = numeric_hparams(self.optimizer)
         if sorted(hp) != self.meta.hparam_keys:
             raise RecorderError(
                 "the optimizer's param groups changed during recording (a group was added or "
@@ -729,21 +571,6 @@ class _IOCapture:
 
 def _cat(parts: list[np.ndarray], dtype: Any = np.int64) -> np.ndarray:
     return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
-
-
-def _first_difference(a: list[Any], b: list[Any]) -> str:
-    names_a = {x[0]: x for x in a}
-    names_b = {x[0]: x for x in b}
-    for name in names_a:
-        if name not in names_b:
-            return f"parameter {name!r} is recorded but not in the model"
-    for name in names_b:
-        if name not in names_a:
-            return f"parameter {name!r} is in the model but not recorded"
-    for name, x in names_a.items():
-        if x != names_b[name]:
-            return f"parameter {name!r}: store has shape/dtype {x[1:]}, model {names_b[name][1:]}"
-    return "parameter order differs"
 
 
 __all__ = ["NotAStoreError", "Recorder", "RecorderConfig"]
