@@ -6,14 +6,8 @@ of test points, and returns an :class:`AttributionResult` (per-step scores, top-
 examples, per-class ridge data) that saves to ``.npz`` or zarr.
 """
 
-from .engine import (
-    Engine,
-    explain,
-    index_store,
-    resolve_layers,
-    self_influence,
-    supported_layers,
-)
+from .capture import resolve_layers, supported_layers
+from .engine import Engine, explain, index_store, self_influence
 from .layers import (
     ConvAdapter,
     LayerAdapter,

@@ -8,19 +8,15 @@ folds it into running aggregates for all B points at once. Memory is bounded by 
 B and the layer sizes, never by the number of steps (apart from the [B, T] per-step scores the
 result holds).
 
-The scan needs only the stored deltas, never a replayed θ_t, so step ranges are independent:
-ranges between keyframes (split further at block boundaries when there are fewer ranges than
-workers) run in parallel under dask — local threads by default, or a ``dask.distributed``
-cluster — and their partial aggregates are merged in step order.
+Its parts live beside it: which layers are explained and the forward hooks that capture their
+inputs and outputs in :mod:`.capture`; the independent step ranges and running them inline, on
+local threads or on a ``dask.distributed`` cluster in :mod:`.schedule`.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,76 +31,19 @@ from historystore.errors import EncodingError
 from historystore.read.store import HistoryStore, open_store
 from historystore.tensors import auto_device
 
-from .layers import adapter_for, registered_types
+from .capture import capture_layers, resolve_layers
 from .methods.base import (
     AttributionMethod,
     ExplainContext,
-    LayerSpec,
     StoreIndex,
     get_method,
 )
 from .results import AttributionResult, concat_layers
+from .schedule import Runner, Scheduler, is_path_method
 
-Scheduler = Any  # None | "threads" | "sync" | dask.distributed.Client | scheduler address
 # on_scores(layer, kind ("gamma", "cosine", ...), scores [b, num_train], first test row)
 ScoresCallback = Callable[[str, str, np.ndarray, int], None]
 _INDEX_CHUNK = 1 << 16  # steps per read of the batch ids when indexing the run
-
-
-# -- layers ------------------------------------------------------------------------------------
-def supported_layers(model: nn.Module, store: HistoryStore | None = None) -> list[str]:
-    """Module paths that have an adapter (and, with a store, whose weight was recorded)."""
-    recorded = set(store.tensor_names) if store is not None else None
-    out = []
-    for name, m in model.named_modules():
-        ad = adapter_for(m)
-        if not name or ad is None or getattr(m, ad.weight, None) is None:
-            continue
-        if recorded is None or f"{name}.{ad.weight}" in recorded:
-            out.append(name)
-    return out
-
-
-def resolve_layers(
-    model: nn.Module, store: HistoryStore, layers: Sequence[str] | None
-) -> list[LayerSpec]:
-    """LayerSpecs for the requested module paths (None: every supported, recorded layer)."""
-    modules = dict(model.named_modules())
-    recorded = set(store.tensor_names)
-    names = supported_layers(model, store) if layers is None else list(layers)
-    if isinstance(layers, str):
-        raise TypeError(f"layers must be a list of module paths, not the string {layers!r}")
-    specs = []
-    for name in names:
-        m = modules.get(name) if name else None
-        if m is None:
-            raise KeyError(
-                f"the model has no submodule {name!r}; explainable layers: "
-                f"{supported_layers(model, store)}"
-            )
-        ad = adapter_for(m)
-        if ad is None:
-            raise TypeError(
-                f"layer {name!r} is a {type(m).__name__}, which has no adapter (registered: "
-                f"{registered_types()}); add one with historystore.attribution.register_adapter"
-            )
-        weight = f"{name}.{ad.weight}"
-        if weight not in recorded:
-            raise ValueError(
-                f"layer {name!r}: its weight {weight!r} was not recorded in {store.path} "
-                "(frozen, or not in the optimizer), so it has no history to decompose"
-            )
-        bias = None
-        if ad.bias is not None and getattr(m, ad.bias, None) is not None:
-            b = f"{name}.{ad.bias}"
-            bias = b if b in recorded else None
-        specs.append(LayerSpec(name, m, ad, weight, bias, store.meta.tensor(weight).encoding))
-    if not specs:
-        raise ValueError(
-            f"no layer to explain: the model has no recorded layer of a supported type "
-            f"({registered_types()})"
-        )
-    return specs
 
 
 # -- the run's index ---------------------------------------------------------------------------
@@ -135,72 +74,16 @@ def index_store(store: HistoryStore) -> StoreIndex:
     return StoreIndex(t_total, num_train, num_classes, seen, class_steps)
 
 
-# -- one step range (runs in a thread, a dask worker, or inline) -------------------------------
-def _scan_range(
-    store: HistoryStore | str,
-    method: AttributionMethod,
-    ctx: ExplainContext,
-    start: int,
-    stop: int,
-    names: list[str],
-    block_steps: int | None,
-    device: str | torch.device | None,
-    prefetch: int,
-    on_block: Callable[[int], None] | None = None,
-    to_cpu: bool = False,
-) -> Any:
-    """Fold the steps [start, stop) into a fresh state of ``method``."""
-    st = open_store(store) if isinstance(store, str) else store
-    dev = auto_device(device)
-    if ctx.device != dev:
-        ctx = ctx.to(dev)
-    state = method.begin(ctx, start, stop)
-    raw = bool(method.raw_tensors(ctx))
-    for block in st.scan(
-        start,
-        stop,
-        names,
-        block_steps=block_steps,
-        device=dev,
-        prefetch=prefetch,
-        raw=raw,
-        **_scan_options(method, ctx),
-    ):
-        method.update(state, block, ctx)
-        if on_block is not None:
-            on_block(block.num_steps)
-    return method.state_to(state, "cpu") if to_cpu else state
-
-
 WEIGHTS = ("store", "model")
 
 
 # -- path methods (TracIn, EPK): θ_t along the scan and the training data -------------------
-def _is_path_method(method: AttributionMethod) -> bool:
-    """Methods that walk θ_t along the path (they need keyframe-aligned ranges and data)."""
-    return bool(getattr(method, "needs_params", False))
-
-
-def _scan_options(method: AttributionMethod, ctx: ExplainContext) -> dict[str, bool]:
-    """Extra scan arguments a method asks for (``params=True``: θ_t per step; ``optim``)."""
-    opts = getattr(method, "scan_options", None)
-    return dict(opts(ctx)) if opts is not None else {}
-
-
-def _keyframe_ranges(store: HistoryStore) -> list[tuple[int, int]]:
-    """Step ranges between keyframes: a range that starts at a keyframe reads θ_start once and
-    rebuilds every θ_t from its deltas (no replay of earlier blocks)."""
-    t_total = store.num_steps
-    kf = [int(k) for k in store.keyframe_steps if 0 < k < t_total]
-    return list(itertools.pairwise(sorted({0, t_total, *kf}))) if t_total else [(0, 0)]
-
-
 def _bind_path_method(
     engine: Engine, train_data: Any, loss_fn: Callable[..., torch.Tensor] | None
 ) -> None:
     """Hand a path method the store, model and training data (it validates them); refuse
     training data for methods that do not use it."""
-    if _is_path_method(engine.method):
+    if is_path_method(engine.method):
         if engine.weights != "store":
             raise ValueError(
                 f"method {engine.method.name!r} walks the recorded path θ_0 -> θ_T, so the "
@@ -279,7 +162,7 @@ class Engine:
         self.progress = progress
         self._auto_layers = layers is None
         # path methods attribute the whole model's output: no layers to resolve
-        path = _is_path_method(self.method)
+        path = is_path_method(self.method)
         if path and layers is not None:
             raise ValueError(
                 f"method {self.method.name!r} explains the model's output through all recorded "
@@ -324,92 +207,17 @@ class Engine:
             out[s.name] = (theta0[s.weight], b0)
         return out
 
-    # -- forward pass ------------------------------------------------------------------------
+    # -- forward pass (see capture.py) -------------------------------------------------------
     def _capture(
         self, x: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
         """Inputs a and outputs z of every explained layer on the final model."""
-        got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        calls: dict[str, int] = {}
-
-        def hook(spec: LayerSpec, _m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            calls[spec.name] = calls.get(spec.name, 0) + 1
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"layer {spec.name!r} returned {type(out).__name__}, not a tensor")
-            got[spec.name] = (spec.adapter.input_of(args).detach(), out.detach())
-
-        handles = [s.module.register_forward_hook(functools.partial(hook, s)) for s in self.layers]
-        param = next(self.model.parameters(), None)
-        if param is not None:  # e.g. float64 numpy test data for a float32 model
-            x = x.to(param.device, param.dtype if x.is_floating_point() else x.dtype)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                y = self._forward(x)
-        finally:
-            self.model.train(was_training)
-            for h in handles:
-                h.remove()
-        bad = {
-            s.name: "not called by the model's forward pass"
-            if s.name not in calls
-            else f"called {calls[s.name]} times per forward pass (shared weights: its "
-            "preactivation is not one map)"
-            for s in self.layers
-            if calls.get(s.name, 0) != 1
-        }
-        if bad:
-            if not self._auto_layers or len(bad) == len(self.layers):
-                raise ValueError(
-                    "cannot explain " + "; ".join(f"layer {n!r}: {why}" for n, why in bad.items())
-                )
-            self.skipped.update(bad)  # e.g. MultiheadAttention's out_proj, tied layers
-            self.layers = [s for s in self.layers if s.name not in bad]
-        missing = set(bad)
-        inputs = {n: a.to(self.device) for n, (a, _) in got.items() if n not in missing}
-        outputs = {n: z.to(self.device) for n, (_, z) in got.items() if n not in missing}
-        self._out_shapes = {n: tuple(z.shape[1:]) for n, z in outputs.items()}
-        return inputs, outputs, y
-
-    def _forward(self, x: torch.Tensor) -> Any:
-        """The model's forward pass; an error inside it names the module that raised it and
-        that module's input shapes (a test batch of the wrong shape otherwise surfaces as a bare
-        matmul or conv error)."""
-        entered: list[tuple[str, nn.Module, tuple[Any, ...]]] = []
-        done: list[tuple[str, Any]] = []
-
-        def pre(name: str, m: nn.Module, args: tuple[Any, ...]) -> None:
-            entered.append((name, m, args))
-
-        def post(name: str, _m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
-            entered.pop()
-            done[:] = [(name, out)]
-
-        handles = []
-        for name, m in self.model.named_modules():
-            handles.append(m.register_forward_pre_hook(functools.partial(pre, name)))
-            handles.append(m.register_forward_hook(functools.partial(post, name)))
-        try:
-            return self.model(x)
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            if not entered:
-                raise
-            name, m, args = entered[-1]
-            got = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
-            if name:
-                where = f"layer {name!r} ({type(m).__name__}({m.extra_repr()})) failed on "
-                where += f"its input of shape {got}"
-            else:
-                where = "the model's forward pass failed outside its submodules"
-                if done and isinstance(done[0][1], torch.Tensor):
-                    where += f", after layer {done[0][0]!r} returned {tuple(done[0][1].shape)}"
-            raise ValueError(
-                f"test_x of shape {tuple(x.shape)} does not fit the model: {where}: {e}"
-            ) from e
-        finally:
-            for h in handles:
-                h.remove()
+        cap = capture_layers(self.model, self.layers, x, self.device, auto_layers=self._auto_layers)
+        if cap.skipped:
+            self.skipped.update(cap.skipped)
+            self.layers = [s for s in self.layers if s.name not in cap.skipped]
+        self._out_shapes = {n: tuple(z.shape[1:]) for n, z in cap.outputs.items()}
+        return cap.inputs, cap.outputs, cap.y
 
     def _context(self, x: torch.Tensor) -> tuple[ExplainContext, Any]:
         inputs, outputs, y = self._capture(x)
@@ -428,145 +236,32 @@ class Engine:
             device=self.device,
             batch_size=len(x),
         )
-        if _is_path_method(self.method):
+        if is_path_method(self.method):
             ctx.extra["test_x"] = x.to(self.device)
         self.method.prepare(ctx)
         return ctx, y
 
-    # -- step ranges -------------------------------------------------------------------------
+    # -- step ranges (see schedule.py) -------------------------------------------------------
     def ranges(self, workers: int) -> list[tuple[int, int]]:
         """Independent step ranges: between keyframes, split at block boundaries when there
         are fewer ranges than ``workers`` (the scan never replays θ, so blocks are independent
         too)."""
-        if _is_path_method(self.method):
-            return _keyframe_ranges(self.store)
-        t_total = self.store.num_steps
-        kf = [int(k) for k in self.store.keyframe_steps if 0 < k < t_total]
-        bounds = sorted({0, t_total, *kf}) if t_total else [0]
-        ranges = list(itertools.pairwise(bounds))
-        if len(ranges) >= workers:
-            return ranges
-        blocks = self.store.block_ranges(0, t_total, self.block_steps)
-        if len(blocks) <= len(ranges):
-            return ranges
-        per = math.ceil(len(blocks) / workers)
-        return [
-            (blocks[i][0], blocks[min(i + per, len(blocks)) - 1][1])
-            for i in range(0, len(blocks), per)
-        ]
+        return self._runner().ranges(workers)
 
-    def _workers(self) -> int:
-        """Ranges run at once: the user's ``num_workers``; on a GPU a few (to overlap decode,
-        copies and kernels); on CPU the cores that torch's own thread pool leaves free (the
-        scan already decodes the next blocks in parallel, and two torch pools on the same
-        cores only slow each other down)."""
-        if self.num_workers is not None:
-            return max(1, int(self.num_workers))
-        cpus = os.cpu_count() or 1
-        if self.device.type == "cuda":
-            return min(4, cpus)
-        return max(1, cpus // max(1, torch.get_num_threads()))
-
-    def _run(self, ctx: ExplainContext, bar: tqdm) -> Any:
-        names = self.method.tensor_names(ctx)
-        t_total = self.store.num_steps
-        if t_total == 0:
-            return self.method.begin(ctx, 0, 0)
-        if self.scheduler == "threads":
-            workers = self._workers()
-            ranges = self.ranges(workers)
-            if workers > 1 and len(ranges) > 1:
-                states = self._run_threads(ctx, ranges, names, workers, bar)
-                return self._merge(states)
-        elif self.scheduler != "sync":
-            return self._merge(self._run_distributed(ctx, names, bar))
-        # one sequential scan: the prefetch runs on across keyframes
-        return _scan_range(
+    def _runner(self) -> Runner:
+        return Runner(
             self.store,
             self.method,
-            ctx,
-            0,
-            t_total,
-            names,
-            self.block_steps,
-            self.device,
-            self.prefetch,
-            bar.update,
-        )
-
-    def _merge(self, states: list[Any]) -> Any:
-        state = functools.reduce(self.method.merge, states)  # in step order
-        return self.method.state_to(state, self.device)
-
-    def _run_threads(
-        self,
-        ctx: ExplainContext,
-        ranges: list[tuple[int, int]],
-        names: list[str],
-        workers: int,
-        bar: tqdm,
-    ) -> list[Any]:
-        import dask
-
-        lock = threading.Lock()
-
-        def on_block(n: int) -> None:
-            with lock:
-                bar.update(n)
-
-        fn = functools.partial(
-            _scan_range,
-            self.store,
-            self.method,
-            ctx,
-            names=names,
+            scheduler=self.scheduler,
+            num_workers=self.num_workers,
             block_steps=self.block_steps,
             device=self.device,
+            device_arg=self._device_arg,
             prefetch=self.prefetch,
-            on_block=on_block,
-        )
-        tasks = [dask.delayed(fn, pure=False)(a, b) for a, b in ranges]
-        return list(
-            dask.compute(*tasks, scheduler="threads", num_workers=min(workers, len(ranges)))
         )
 
-    def _run_distributed(self, ctx: ExplainContext, names: list[str], bar: tqdm) -> list[Any]:
-        """Ranges as tasks on a dask.distributed cluster; workers reopen the store by its path
-        or URL (a HistoryStore pickles as path + storage_options) and pick their own device;
-        partial states come back on the CPU."""
-        from distributed import Client, as_completed
-
-        own = not isinstance(self.scheduler, Client)
-        client = Client(self.scheduler) if own else self.scheduler
-        try:
-            workers = self.num_workers or max(1, sum(client.nthreads().values()))
-            ranges = self.ranges(workers)
-            ctx_f = client.scatter(ctx.to("cpu"), broadcast=True)
-            futures = [
-                client.submit(
-                    _scan_range,
-                    self.store,
-                    self.method,
-                    ctx_f,
-                    a,
-                    b,
-                    names,
-                    self.block_steps,
-                    self._device_arg,
-                    self.prefetch,
-                    None,
-                    True,
-                    pure=False,
-                )
-                for a, b in ranges
-            ]
-            steps = {f.key: b - a for f, (a, b) in zip(futures, ranges, strict=True)}
-            for f in as_completed(futures):
-                bar.update(steps[f.key])
-            return list(client.gather(futures))
-        finally:
-            if own:
-                client.close()
+    def _run(self, ctx: ExplainContext, bar: tqdm) -> Any:
+        return self._runner().run(ctx, bar)
 
     # -- public ------------------------------------------------------------------------------
     def explain(
