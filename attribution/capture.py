@@ -134,7 +134,6 @@ def capture_layers(
         raise ValueError(
             "cannot explain " + "; ".join(f"layer {n!r}: {why}" for n, why in bad.items())
         )
-    # e.g. MultiheadAttention's out_proj, tied layers
     inputs = {n: a.to(device) for n, (a, _) in got.items() if n not in bad}
     outputs = {n: z.to(device) for n, (_, z) in got.items() if n not in bad}
     return Captured(inputs, outputs, y, bad)

@@ -213,7 +213,7 @@ class Engine:
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
         """Inputs a and outputs z of every explained layer on the final model."""
         cap = capture_layers(self.model, self.layers, x, self.device, auto_layers=self._auto_layers)
-        if cap.skipped:
+        if cap.skipped:  # e.g. MultiheadAttention's out_proj, tied layers
             self.skipped.update(cap.skipped)
             self.layers = [s for s in self.layers if s.name not in cap.skipped]
         self._out_shapes = {n: tuple(z.shape[1:]) for n, z in cap.outputs.items()}
