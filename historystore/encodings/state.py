@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..errors import EncodingError
+
 #: ``state_plan`` values: how a state key is stored
 DERIVED = "derived"
 BF16 = "bfloat16"
@@ -123,8 +125,17 @@ def derive_first_moment(
     hparams: dict[str, Any],
 ) -> torch.Tensor:
     """Adam's m_t from the step it produced (see the module docstring); ``hparams`` holds the
-    group's ``lr``, ``betas`` (β1, β2), ``eps``, ``weight_decay`` and ``decoupled``."""
+    group's ``lr``, ``betas`` (β1, β2), ``eps``, ``weight_decay`` and ``decoupled``.
+
+    A step taken at lr = 0 (a warm-up that starts from zero) moved nothing, so Δ_t carries no
+    trace of m_t: that is an :class:`EncodingError`, not a division by zero."""
     lr = float(hparams["lr"])
+    if lr == 0.0:
+        raise EncodingError(
+            f"Adam's first moment after its step {step:g} cannot be derived: the step ran at "
+            "lr = 0, so the recorded delta holds no trace of it, and the compact profile does "
+            "not store it (record with the lossless profile to keep it)"
+        )
     beta1, beta2 = hparams["betas"]
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step
