@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from historystore.errors import EncodingError, HistoryStoreError
 from historystore.read.store import HistoryStore, StepBlock, open_store
 
-from .base import AttributionMethod, ExplainContext, StoreIndex
+from .base import AttributionMethod, ExplainContext, StoreIndex, assemble, topk
 
 LAYER = "model"  # the result's pseudo-layer of path methods
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -322,34 +322,6 @@ class PathState:
     nodes: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (start, [S])
     fn: Functional | None = None  # private model copy (not shipped back)
     carry: dict[str, Any] = field(default_factory=dict)  # within-range carry-over
-
-
-def topk(
-    scores: torch.Tensor, seen: torch.Tensor, k: int, largest: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top (bottom) k ids per row among the ids that occur in the run; like the preactivation
-    method, a k larger than their number is clamped (no placeholder ids)."""
-    k = min(k, int(seen.sum()))
-    if k == 0:
-        return np.zeros((scores.shape[0], 0), np.int64), np.zeros((scores.shape[0], 0))
-    fill = -math.inf if largest else math.inf
-    masked = torch.where(seen[None, :], scores, torch.full_like(scores, fill))
-    v, i = torch.topk(masked, k, dim=1, largest=largest)
-    return i.cpu().numpy().astype(np.int64), v.cpu().numpy().astype(np.float64)
-
-
-def assemble(segments: list[tuple[int, Any]], b: int, t_total: int, dtype: Any) -> np.ndarray:
-    """Stitch per-block [B, S] (or [S]) segments into [B, T] (or [T]); checks the tiling."""
-    out = np.zeros((b, t_total) if b else (t_total,), dtype=dtype)
-    covered = 0
-    for start, seg in sorted(segments, key=lambda x: x[0]):
-        arr = seg.cpu().numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
-        n = arr.shape[-1]
-        out[..., start : start + n] = arr
-        covered += n
-    if covered != t_total:
-        raise RuntimeError(f"the scan covered {covered} of {t_total} steps")
-    return out
 
 
 _STORES: dict[str, HistoryStore] = {}
