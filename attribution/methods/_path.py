@@ -125,6 +125,8 @@ class UpdateRule:
     nesterov: dict[str, bool]
     decoupled: dict[str, bool]
     state_keys: dict[str, list[str]]  # tensor -> recorded optimizer state keys
+    #: state key -> how the recorder's profile stored it ("log8", "derived", ...; {} = as held)
+    state_plan: dict[str, str] = field(default_factory=dict)
 
     def momentum_of(self, n: str, t: int) -> float:
         return float(self.hp[n]["momentum"][t]) if self.kind == "sgd" else 0.0
@@ -163,10 +165,24 @@ def read_rule(store: HistoryStore, names: list[str], what: str) -> UpdateRule:
         nesterov[n] = bool(st.get("nesterov", False))
         decoupled[n] = short == "AdamW" or bool(st.get("decoupled_weight_decay", False))
     state_keys = {n: [a.name for a in store.meta.optim_state.get(n, [])] for n in names}
-    return UpdateRule(kind, names, hp, nesterov, decoupled, state_keys)
+    plan = dict(store.meta.recorder.get("state_plan", {}))
+    return UpdateRule(kind, names, hp, nesterov, decoupled, state_keys, plan)
 
 
 def require_state(rule: UpdateRule, keys: list[str], what: str, path: str) -> None:
+    """Refuse a store without the state keys a method reads from ``scan(optim=True)``.
+
+    Why the plan too: under the compact profile the scan yields the state as stored (Adam's v
+    as uint8 log-code differences, m not at all), and a preconditioner built from those codes
+    gives wrong scores without any error."""
+    coded = sorted(k for k in keys if k in rule.state_plan)
+    if coded:
+        raise OptimizerStateError(
+            f"{what} needs the optimizer state {coded} as the optimizer held it, but {path} "
+            f"stores it in the compact profile's form ({ {k: rule.state_plan[k] for k in coded} }"
+            "), which the path methods cannot read yet: record with the lossless profile"
+            + (" (or use TracIn with preconditioner='none')" if what.startswith("TracIn") else "")
+        )
     for n in rule.names:
         missing = [k for k in keys if k not in rule.state_keys[n]]
         if missing:
