@@ -59,8 +59,9 @@ MARGIN_DOWN, MARGIN_UP = 1.0, 2.0
 
 def log8_encode(
     v: torch.Tensor, rng: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 codes of log(v) per row and the rows' (lo, hi, intra) range.
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """uint8 codes of log(v) per row, the rows' (lo, hi, intra) range, and whether this step
+    starts a new range (``intra``, as a Python bool: the caller needs no device sync for it).
 
     Why log codes: v spans many decades, and its relative error is what the derived m feels
     (halved by the square root). Why a range fixed for a block (``rng`` from its first step,
@@ -89,7 +90,7 @@ def log8_encode(
     if rng is not None and bool((((codes < 1) | (codes > LEVELS + 1)) & pos).any()):
         return log8_encode(v)  # outside the block's range: this step starts a new range
     codes = torch.where(pos, codes.clamp_(1, LEVELS + 1), 0.0).to(torch.uint8)
-    return codes.reshape(v.shape), (r if v.dim() >= 2 else r[0])
+    return codes.reshape(v.shape), (r if v.dim() >= 2 else r[0]), rng is None
 
 
 def log8_decode(codes: torch.Tensor, rng: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
