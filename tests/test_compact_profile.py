@@ -102,3 +102,38 @@ def test_bytes_per_param_step(compact: Run) -> None:
                 stored += p.stat().st_size
     per = stored / n_params / store.num_steps
     assert per <= 1.2, per
+
+
+def test_first_moment_after_a_zero_lr_step_is_a_clear_error(digits: Digits, tmp_path: Path) -> None:
+    """A warm-up from lr = 0 (Hugging Face's linear schedule) leaves no trace of m_t in Δ_t:
+    optimizer_state(t) says so with an EncodingError (it divided by zero before), and the
+    steps after the warm-up still derive m within the run's usual error."""
+    from attribution.demo.model import DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN(channels=8, hidden=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 2))
+    true: dict[int, dict[str, torch.Tensor]] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    path = tmp_path / "warmup.zarr"
+    with hs.Recorder(path, model, opt, hs.RecorderConfig.compact(keyframe_every=8)) as rec:
+        for t in range(6):
+            idx = torch.arange(32 * t, 32 * t + 32)
+            loss = torch.nn.functional.cross_entropy(
+                model(digits.x_train[idx]), digits.y_train[idx]
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(idx, labels=digits.y_train[idx], loss=loss)
+            sched.step()
+            true[t] = {names[id(p)]: s["exp_avg"].clone() for p, s in opt.state.items()}
+    store = hs.open_store(path)
+    assert store.batch(0).lr == 0.0 and store.batch(2).lr == 2e-3
+    with pytest.raises(hs.EncodingError, match="lr = 0"):
+        store.optimizer_state(0)
+    for t in range(2, 6):  # full lr from step 2 on
+        got = store.optimizer_state(t)
+        for n, m in true[t].items():
+            assert float((got[n]["exp_avg"] - m).norm() / m.norm()) < 0.08, (t, n)

@@ -370,6 +370,38 @@ def test_adam_epk_without_optimizer_state(digits: Digits, tmp_path: Path) -> Non
         explain(run.path, run.model(), x, method="epk", train_data=run.data(), progress=False)
 
 
+def test_compact_state_refused_not_misread(digits: Digits, tmp_path: Path) -> None:
+    """The compact profile stores Adam's v as uint8 log-code differences and no m: TracIn's
+    preconditioner and EPK refuse it with a clear error (TracIn built its preconditioner from
+    the raw codes before, top-k and step scores 10^4x off, without an error); TracIn without a
+    preconditioner still runs (θ_t from the quantized deltas)."""
+    cfg = hs.RecorderConfig.compact(keyframe_every=8)
+    run = _record(tmp_path / "r.zarr", SmoothMLP, "adamw", digits, torch.float32, 6, config=cfg)
+    x = digits.x_test[:2]
+    for method in ("tracin", "epk"):
+        with pytest.raises(OptimizerStateError, match="compact profile"):
+            explain(
+                run.path,
+                run.model(),
+                x,
+                method=method,
+                train_data=run.data(),
+                method_options={"allow_lossy": True},
+                progress=False,
+            )
+    res = explain(
+        run.path,
+        run.model(),
+        x,
+        method="tracin",
+        train_data=run.data(),
+        method_options={"preconditioner": "none"},
+        progress=False,
+    )
+    assert np.isfinite(res["model"]["step_scores"]).all()
+    assert np.abs(res["model"]["step_scores"]).sum() > 0
+
+
 def test_lossy_tensor_refused_where_exactness_is_required(digits: Digits, tmp_path: Path) -> None:
     cfg = hs.RecorderConfig(
         keyframe_every=8, encodings=(EncodingRule("rounded", {"bits": 7}, pattern="fc1.weight"),)

@@ -68,3 +68,18 @@ def test_to_xarray_selects_tensors_and_stops_at_the_commit(run: Run, tmp_path: P
     last = ds["delta.fc2.bias"].isel(step=-1).values
     np.testing.assert_array_equal(last, store.delta(T - 1)["fc2.bias"].numpy())
     assert not (ds["delta.fc2.bias"] == 7.0).all(axis=1).any()
+
+
+def test_to_xarray_says_when_the_state_is_in_compact_form(tmp_path: Path, digits) -> None:
+    """Compact AdamW: optim.* are the stored uint8 log-code differences (no exp_avg), and the
+    dataset says so rather than describing them as the optimizer's state."""
+    from .conftest import record_run
+
+    run = record_run(tmp_path / "c.zarr", "adamw", 4, digits, config=hs.RecorderConfig.compact())
+    store = hs.open_store(run.path)
+    ds = store.to_xarray(["fc1.weight"])
+    assert ds["optim.fc1.weight.exp_avg_sq"].dtype == np.uint8
+    assert "optim.fc1.weight.exp_avg" not in ds
+    assert "log8" in ds.attrs["state_plan"] and "optimizer_state(t)" in ds.attrs["state_plan"]
+    v = store.optimizer_state(2)["fc1.weight"]["exp_avg_sq"]
+    assert v.dtype.is_floating_point and float(v.max()) > 0

@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from historystore.errors import EncodingError, HistoryStoreError
 from historystore.read.store import HistoryStore, StepBlock, open_store
 
-from .base import AttributionMethod, ExplainContext, StoreIndex
+from .base import AttributionMethod, ExplainContext, StoreIndex, assemble, topk
 
 LAYER = "model"  # the result's pseudo-layer of path methods
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -125,6 +125,8 @@ class UpdateRule:
     nesterov: dict[str, bool]
     decoupled: dict[str, bool]
     state_keys: dict[str, list[str]]  # tensor -> recorded optimizer state keys
+    #: state key -> how the recorder's profile stored it ("log8", "derived", ...; {} = as held)
+    state_plan: dict[str, str] = field(default_factory=dict)
 
     def momentum_of(self, n: str, t: int) -> float:
         return float(self.hp[n]["momentum"][t]) if self.kind == "sgd" else 0.0
@@ -163,10 +165,24 @@ def read_rule(store: HistoryStore, names: list[str], what: str) -> UpdateRule:
         nesterov[n] = bool(st.get("nesterov", False))
         decoupled[n] = short == "AdamW" or bool(st.get("decoupled_weight_decay", False))
     state_keys = {n: [a.name for a in store.meta.optim_state.get(n, [])] for n in names}
-    return UpdateRule(kind, names, hp, nesterov, decoupled, state_keys)
+    plan = dict(store.meta.recorder.get("state_plan", {}))
+    return UpdateRule(kind, names, hp, nesterov, decoupled, state_keys, plan)
 
 
 def require_state(rule: UpdateRule, keys: list[str], what: str, path: str) -> None:
+    """Refuse a store without the state keys a method reads from ``scan(optim=True)``.
+
+    Why the plan too: under the compact profile the scan yields the state as stored (Adam's v
+    as uint8 log-code differences, m not at all), and a preconditioner built from those codes
+    gives wrong scores without any error."""
+    coded = sorted(k for k in keys if k in rule.state_plan)
+    if coded:
+        raise OptimizerStateError(
+            f"{what} needs the optimizer state {coded} as the optimizer held it, but {path} "
+            f"stores it in the compact profile's form ({ {k: rule.state_plan[k] for k in coded} }"
+            "), which the path methods cannot read yet: record with the lossless profile"
+            + (" (or use TracIn with preconditioner='none')" if what.startswith("TracIn") else "")
+        )
     for n in rule.names:
         missing = [k for k in keys if k not in rule.state_keys[n]]
         if missing:
@@ -322,34 +338,6 @@ class PathState:
     nodes: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (start, [S])
     fn: Functional | None = None  # private model copy (not shipped back)
     carry: dict[str, Any] = field(default_factory=dict)  # within-range carry-over
-
-
-def topk(
-    scores: torch.Tensor, seen: torch.Tensor, k: int, largest: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top (bottom) k ids per row among the ids that occur in the run; like the preactivation
-    method, a k larger than their number is clamped (no placeholder ids)."""
-    k = min(k, int(seen.sum()))
-    if k == 0:
-        return np.zeros((scores.shape[0], 0), np.int64), np.zeros((scores.shape[0], 0))
-    fill = -math.inf if largest else math.inf
-    masked = torch.where(seen[None, :], scores, torch.full_like(scores, fill))
-    v, i = torch.topk(masked, k, dim=1, largest=largest)
-    return i.cpu().numpy().astype(np.int64), v.cpu().numpy().astype(np.float64)
-
-
-def assemble(segments: list[tuple[int, Any]], b: int, t_total: int, dtype: Any) -> np.ndarray:
-    """Stitch per-block [B, S] (or [S]) segments into [B, T] (or [T]); checks the tiling."""
-    out = np.zeros((b, t_total) if b else (t_total,), dtype=dtype)
-    covered = 0
-    for start, seg in sorted(segments, key=lambda x: x[0]):
-        arr = seg.cpu().numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
-        n = arr.shape[-1]
-        out[..., start : start + n] = arr
-        covered += n
-    if covered != t_total:
-        raise RuntimeError(f"the scan covered {covered} of {t_total} steps")
-    return out
 
 
 _STORES: dict[str, HistoryStore] = {}

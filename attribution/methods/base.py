@@ -16,6 +16,7 @@ parallel result equals the sequential one within floating-point tolerance.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -172,3 +173,34 @@ def get_method(method: str | AttributionMethod, **options: Any) -> AttributionMe
 
 def method_names() -> list[str]:
     return sorted(_METHODS)
+
+
+def topk(
+    scores: torch.Tensor, seen: torch.Tensor, k: int, largest: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top (or bottom) k example ids per row among ids that occur in the run. A k larger than
+    the number of such examples is clamped to it (every seen example, ranked): ids that never
+    occur have no score, and placeholder ids would pass for real training examples."""
+    k = min(k, int(seen.sum()))
+    if k == 0:
+        return np.zeros((scores.shape[0], 0), np.int64), np.zeros((scores.shape[0], 0))
+    fill = -math.inf if largest else math.inf
+    masked = torch.where(seen[None, :], scores, torch.full_like(scores, fill))
+    v, i = torch.topk(masked, k, dim=1, largest=largest)
+    return i.cpu().numpy().astype(np.int64), v.cpu().numpy().astype(np.float64)
+
+
+def assemble(
+    segments: list[tuple[int, Any]], b: int, t_total: int, dtype: Any, what: str = "the scan"
+) -> np.ndarray:
+    """Stitch per-block [B, S] (or [S]) segments into [B, T] (or [T]); checks the tiling."""
+    out = np.zeros((b, t_total) if b else (t_total,), dtype=dtype)
+    covered = 0
+    for start, seg in sorted(segments, key=lambda x: x[0]):
+        arr = seg.cpu().numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
+        n = arr.shape[-1]
+        out[..., start : start + n] = arr
+        covered += n
+    if covered != t_total:
+        raise RuntimeError(f"{what} covered {covered} of {t_total} steps")
+    return out

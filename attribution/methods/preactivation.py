@@ -30,7 +30,6 @@ as running sums in the stream so memory does not grow with the number of steps:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +38,14 @@ import torch
 
 from historystore.read.store import StepBlock
 
-from .base import AttributionMethod, ExplainContext, LayerSpec, register_method
+from .base import (
+    AttributionMethod,
+    ExplainContext,
+    LayerSpec,
+    assemble,
+    register_method,
+    topk,
+)
 
 
 @dataclass
@@ -375,7 +381,7 @@ class PreactivationMethod(AttributionMethod):
                     continue
                 pre = "" if kind == "gamma" else f"{kind}_"
                 for end, largest in (("topk", True), ("bottomk", False)):
-                    ids_, sc_ = _topk(scores, seen, self.top_k, largest=largest)
+                    ids_, sc_ = topk(scores, seen, self.top_k, largest=largest)
                     arrays[f"{pre}{end}_ids"], arrays[f"{pre}{end}_scores"] = ids_, sc_
                 if self.keep_scores:
                     key = "example_scores" if kind == "gamma" else f"example_scores_{kind}"
@@ -424,26 +430,4 @@ def _assemble(
     segments: list[tuple[int, torch.Tensor]], b: int, t_total: int, layer: str
 ) -> np.ndarray:
     """Stitch the per-block [B, S] segments into [B, T], checking that they tile [0, T)."""
-    out = np.zeros((b, t_total), dtype=np.float32)
-    covered = 0
-    for start, seg in sorted(segments, key=lambda x: x[0]):
-        out[:, start : start + seg.shape[1]] = seg.cpu().numpy()
-        covered += seg.shape[1]
-    if covered != t_total:
-        raise RuntimeError(f"layer {layer!r}: the scan covered {covered} of {t_total} steps")
-    return out
-
-
-def _topk(
-    scores: torch.Tensor, seen: torch.Tensor, k: int, largest: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top (or bottom) k example ids per row among ids that occur in the run. A k larger than
-    the number of such examples is clamped to it (every seen example, ranked): ids that never
-    occur have no score, and placeholder ids would pass for real training examples."""
-    k = min(k, int(seen.sum()))
-    if k == 0:
-        return np.zeros((scores.shape[0], 0), np.int64), np.zeros((scores.shape[0], 0))
-    fill = -math.inf if largest else math.inf
-    masked = torch.where(seen[None, :], scores, torch.full_like(scores, fill))
-    v, i = torch.topk(masked, k, dim=1, largest=largest)
-    return i.cpu().numpy().astype(np.int64), v.cpu().numpy().astype(np.float64)
+    return assemble(segments, b, t_total, np.float32, f"layer {layer!r}: the scan")

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..errors import EncodingError
+
 #: ``state_plan`` values: how a state key is stored
 DERIVED = "derived"
 BF16 = "bfloat16"
@@ -57,8 +59,9 @@ MARGIN_DOWN, MARGIN_UP = 1.0, 2.0
 
 def log8_encode(
     v: torch.Tensor, rng: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 codes of log(v) per row and the rows' (lo, hi, intra) range.
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """uint8 codes of log(v) per row, the rows' (lo, hi, intra) range, and whether this step
+    starts a new range (``intra``, as a Python bool: the caller needs no device sync for it).
 
     Why log codes: v spans many decades, and its relative error is what the derived m feels
     (halved by the square root). Why a range fixed for a block (``rng`` from its first step,
@@ -87,7 +90,7 @@ def log8_encode(
     if rng is not None and bool((((codes < 1) | (codes > LEVELS + 1)) & pos).any()):
         return log8_encode(v)  # outside the block's range: this step starts a new range
     codes = torch.where(pos, codes.clamp_(1, LEVELS + 1), 0.0).to(torch.uint8)
-    return codes.reshape(v.shape), (r if v.dim() >= 2 else r[0])
+    return codes.reshape(v.shape), (r if v.dim() >= 2 else r[0]), rng is None
 
 
 def log8_decode(codes: torch.Tensor, rng: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -123,8 +126,17 @@ def derive_first_moment(
     hparams: dict[str, Any],
 ) -> torch.Tensor:
     """Adam's m_t from the step it produced (see the module docstring); ``hparams`` holds the
-    group's ``lr``, ``betas`` (β1, β2), ``eps``, ``weight_decay`` and ``decoupled``."""
+    group's ``lr``, ``betas`` (β1, β2), ``eps``, ``weight_decay`` and ``decoupled``.
+
+    A step taken at lr = 0 (a warm-up that starts from zero) moved nothing, so Δ_t carries no
+    trace of m_t: that is an :class:`EncodingError`, not a division by zero."""
     lr = float(hparams["lr"])
+    if lr == 0.0:
+        raise EncodingError(
+            f"Adam's first moment after its step {step:g} cannot be derived: the step ran at "
+            "lr = 0, so the recorded delta holds no trace of it, and the compact profile does "
+            "not store it (record with the lossless profile to keep it)"
+        )
     beta1, beta2 = hparams["betas"]
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step

@@ -82,4 +82,11 @@ def to_xarray(store: HistoryStore, names: list[str] | None = None) -> xarray.Dat
     }
     if skipped:
         attrs["not_included"] = f"bfloat16 tensors (stored as uint16 bits): {skipped}"
+    plan = meta.recorder.get("state_plan", {})
+    if plan:  # the compact profile: optim.* hold what was stored, not the optimizer's values
+        attrs["state_plan"] = (
+            f"optimizer state stored in the compact profile's form {plan}: log8 keys are uint8 "
+            "code differences (codes at a range's first step; <key>_logrange holds the range), "
+            "derived keys are absent; HistoryStore.optimizer_state(t) serves the values"
+        )
     return xr.Dataset(data, coords=coords, attrs=attrs)

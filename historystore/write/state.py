@@ -118,8 +118,7 @@ class StateCapture:
                     if rbuf is None:
                         rbuf = bufs[rname] = self._alloc(i, rname, slot)
                     ref = self._ref.get((i, sname)) if slot else None
-                    codes, rng = log8_encode(v.detach(), None if ref is None else ref[1])
-                    intra = ref is None or bool(rng.reshape(-1, 3)[0, 2] > 0)
+                    codes, rng, intra = log8_encode(v.detach(), None if ref is None else ref[1])
                     stored = codes if intra else codes - ref[0]  # uint8: wraps mod 256
                     self._ref[(i, sname)] = (codes, rng)
                     coded_dst += [buf[slot], rbuf[slot]]
