@@ -90,6 +90,32 @@ def test_a_refused_recorder_releases_the_lock(tmp_path):
     assert hs.open_store(path).num_steps == 1
 
 
+def test_a_recorder_that_fails_late_in_its_start_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A start that fails after the writer thread and the optimizer hook exist removes the hook,
+    stops the thread and releases the lock: a retry in the same process starts cleanly."""
+    import threading
+
+    path = tmp_path / "late.zarr"
+    model, opt, rec = _linear_run(path)
+    threads = set(threading.enumerate())
+
+    def fail(self, t0):
+        raise RuntimeError("injected failure after the writer started")
+
+    monkeypatch.setattr(hs.Recorder, "_start_block", fail)
+    with pytest.raises(RuntimeError, match="injected"), rec:
+        pass
+    monkeypatch.undo()
+    assert not opt._optimizer_step_post_hooks  # no hook left on the user's optimizer
+    time.sleep(0.1)
+    assert not [t for t in set(threading.enumerate()) - threads if t.is_alive()]
+    model, opt, rec = _linear_run(path, overwrite=True)
+    with rec:  # lock released, store overwritten
+        _step(model, opt, rec, 0)
+    assert hs.open_store(path).num_steps == 1
+    assert verify(str(path)).ok
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_does_not_keep_the_lock_of_a_dead_parent(tmp_path):
     """DataLoader workers are forked from the trainer: if the trainer is killed while they

@@ -103,6 +103,7 @@ class Recorder:
         self._writer: BlockWriter | None = None
         self._init_layout: Callable[[], None] | None = None
         self._hook: Any = None
+        self._io: dict[int, _IOCapture] = {}
         self._opt_steps = 0
         self._last_keyframe = -1  # step of the newest keyframe, committed or buffered
         self._entered = False
@@ -117,7 +118,11 @@ class Recorder:
         try:
             return self._enter()
         except BaseException:
-            self._lock.release()
+            # a failed start leaves nothing behind: no hooks on the user's optimizer and model,
+            # no writer thread, no lock (a retry in the same process must be able to start)
+            writer, self._writer = self._writer, None
+            with contextlib.suppress(Exception):
+                self._teardown(writer)
             raise
 
     def _enter(self) -> Recorder:
@@ -506,14 +511,20 @@ class Recorder:
             self._flush()
         finally:
             writer, self._writer = self._writer, None
+            self._teardown(writer)
+
+    def _teardown(self, writer: BlockWriter | None) -> None:
+        """Remove the hooks, wait for the writer, release the lock (whatever fails first)."""
+        try:
             if self._hook is not None:
                 self._hook.remove()
+                self._hook = None
             for cap in self._io.values():
                 cap.remove()
-            try:
+            if writer is not None:
                 writer.close()
-            finally:
-                self._lock.release()
+        finally:
+            self._lock.release()
 
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is not None and self._writer is not None:
