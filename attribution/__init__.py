@@ -1,4 +1,4 @@
-"""Explain predictions by streaming a recorded training history (historystore.attribution).
+"""Explain predictions by streaming a recorded training history (the attribution package).
 
 ``explain(store, model, test_x)`` decomposes each explained layer's preactivation of every test
 point over the training steps (Pfahler & Morik, AAAI 2022) in one pass over the store per batch

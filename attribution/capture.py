@@ -57,7 +57,7 @@ def resolve_layers(
         if ad is None:
             raise TypeError(
                 f"layer {name!r} is a {type(m).__name__}, which has no adapter (registered: "
-                f"{registered_types()}); add one with historystore.attribution.register_adapter"
+                f"{registered_types()}); add one with attribution.register_adapter"
             )
         weight = f"{name}.{ad.weight}"
         if weight not in recorded:

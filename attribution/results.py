@@ -1,7 +1,7 @@
 """The result of an explanation: plain numpy arrays per layer, saved without pickle.
 
 Arrays are keyed by layer (module path) and field; what the fields mean is the method's
-business (see :mod:`historystore.attribution.methods.preactivation`). Every per-test-point
+business (see :mod:`attribution.methods.preactivation`). Every per-test-point
 array has a leading axis over the explained test points. A result saves to ``.npz`` (one file,
 ``np.load(allow_pickle=False)``) or to a zarr v3 group (any other path), so it can be read back
 by tools that never import this library.

@@ -155,6 +155,33 @@ def test_hf_trainer_callback_records_a_bit_exact_history(tmp_path: Path) -> None
     assert store.tensor_names[0] == "bert.embeddings.word_embeddings.weight"
 
 
+def test_hf_callback_as_a_context_closes_after_a_failed_train(tmp_path: Path) -> None:
+    """trainer.train() raising mid-run: the with-block closes the recorder, so the committed
+    steps verify and a retry in the same process is not locked out by its own old writer."""
+    from transformers import TrainerCallback
+
+    from historystore.integrations.hf import HistoryCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step == 3:
+                raise RuntimeError("boom at step 3")
+
+    path = tmp_path / "hf.zarr"
+    with HistoryCallback(path, hs.RecorderConfig(keyframe_every=2)) as cb:
+        trainer, _ = _hf_trainer(tmp_path, cb, remove_unused_columns=False)
+        trainer.add_callback(Boom())
+        with pytest.raises(RuntimeError, match="boom"):
+            trainer.train()
+    assert cb.recorder is None
+    store = hs.open_store(path)
+    assert store.num_steps == 3 and verify(str(path)).ok
+    with HistoryCallback(path, overwrite=True) as cb:  # the lock was released
+        trainer, model = _hf_trainer(tmp_path, cb, remove_unused_columns=False)
+        trainer.train()
+    _check_final_weights(hs.open_store(path), model)
+
+
 def test_hf_callback_refuses_to_lose_the_id_column(tmp_path: Path) -> None:
     from historystore.integrations.hf import HistoryCallback
 

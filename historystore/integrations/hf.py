@@ -18,6 +18,7 @@ the learning-rate scheduler moves, so the recorded lr is the one the step used.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -128,6 +129,19 @@ class HistoryCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.close()
+
+    def __enter__(self) -> HistoryCallback:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """The Trainer has no event for an exception: ``with HistoryCallback(...) as cb:``
+        around ``trainer.train()`` closes the recorder (committed steps kept, the writer lock
+        released) whatever happens, without masking the training error."""
+        if exc[0] is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):
+            self.close()
 
     def close(self) -> None:
         """Remove the hooks and close the recorder (the final keyframe; idempotent)."""
