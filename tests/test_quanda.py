@@ -77,3 +77,10 @@ def test_quanda_class_detection_on_explain(mislabeled, digits: Digits) -> None: 
     )
     with pytest.raises(ValueError, match="train_ids"):
         HistoryExplainer(model, train, store=path, train_ids=[0, 1])
+
+
+@pytest.mark.parametrize("method", ["tracin", "epk"])
+def test_quanda_explainer_refuses_path_methods_clearly(mislabeled, method) -> None:  # noqa: F811
+    path, x, y, _bad = mislabeled
+    with pytest.raises(ValueError, match="preactivation method"):
+        HistoryExplainer(WideMLP(), TensorDataset(x, y), store=path, method=method)

@@ -186,6 +186,14 @@ class HistoryExplainer(Explainer):  # type: ignore[misc,valid-type]
             checkpoints=checkpoints,
             checkpoints_load_func=checkpoints_load_func,
         )
+        name = method if isinstance(method, str) else getattr(method, "name", "")
+        if name not in ("preactivation", "gamma"):
+            raise ValueError(
+                f"HistoryExplainer runs the preactivation method (gamma), not {name!r}: the "
+                "path methods explain the model's output from the training data and are not "
+                "wired to quanda's interface yet (use attribution.explain(..., method="
+                f"{name!r}, train_data=...) directly)"
+            )
         options = dict(method_options or {})
         if isinstance(method, str):
             options.setdefault("keep_scores", True)
