@@ -514,6 +514,20 @@ def explain(
     return engine.explain(test_x, test_batch_size=test_batch_size, scores_path=scores_path)
 
 
+def per_example_options(
+    method: str | AttributionMethod, score: str, method_options: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Options of a built-in method that hands out full per-example rows of one score kind and
+    keeps no top-k (self-influence and the quanda adapter read only those rows)."""
+    options = dict(method_options or {})
+    if isinstance(method, str):
+        options.setdefault("keep_scores", True)
+        options.setdefault("top_k", 0)
+        if method == "preactivation":
+            options.setdefault("scores", (score,))
+    return options
+
+
 def self_influence(
     store: HistoryStore | str | os.PathLike[str],
     model: nn.Module,
@@ -542,12 +556,7 @@ def self_influence(
     :meth:`Engine.self_influence`). ``score``: "gamma" or "cosine" (each step's share
     normalised by ‖z‖ ‖c_t‖). Costs one pass over the store per ``test_batch_size`` examples.
     """
-    options = dict(method_options or {})
-    if isinstance(method, str):
-        options.setdefault("keep_scores", True)
-        options.setdefault("top_k", 0)
-        if method == "preactivation":
-            options.setdefault("scores", (score,))
+    options = per_example_options(method, score, method_options)
     engine = Engine(
         store,
         model,

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import Engine
+from ..engine import Engine, per_example_options
 from ..methods.base import AttributionMethod
 
 _PLACEHOLDER_MODULES = (
@@ -194,12 +194,7 @@ class HistoryExplainer(Explainer):  # type: ignore[misc,valid-type]
                 "wired to quanda's interface yet (use attribution.explain(..., method="
                 f"{name!r}, train_data=...) directly)"
             )
-        options = dict(method_options or {})
-        if isinstance(method, str):
-            options.setdefault("keep_scores", True)
-            options.setdefault("top_k", 0)
-            if method == "preactivation":
-                options.setdefault("scores", (score,))
+        options = per_example_options(method, score, method_options)
         self.engine = Engine(
             store,
             model,
