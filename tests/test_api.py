@@ -22,7 +22,7 @@ from attribution.demo.model import DigitsCNN
 from historystore.encodings import EncodingRule
 
 from .conftest import Run
-from .test_attribution import Planned, capture, digits_model, preact
+from .test_attribution import Planned, capture, digits_model, preact, record_factors_run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -214,35 +214,11 @@ def test_per_example_cosine_by_hand_and_top_k_clamped(tmp_path: Path) -> None:
 def test_per_example_cosine_splits_exactly_with_factors(tmp_path: Path, digits: Digits) -> None:
     """With per-example factors, example i's cosine score is Σ_t (⟨z, ΔW_{t,i} a⟩ + its equal
     share of ⟨z, Δb_t⟩) / (‖z‖ ‖c_t‖), ΔW_{t,i} from one backward pass per example."""
+    path = tmp_path / "f.zarr"
     from .test_encodings import MLP
 
-    torch.manual_seed(0)
-    model, lr, bsz, steps = MLP(), 0.1, 8, 16
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    cfg = hs.RecorderConfig(
-        encodings=(EncodingRule("lowrank", {"max_rows": bsz}, pattern="fc1.weight"),)
-    )
-    g = torch.Generator().manual_seed(1)
-    per_example = []
-    path = tmp_path / "f.zarr"
-    with hs.Recorder(path, model, opt, cfg) as rec:
-        for _ in range(steps):
-            idx = torch.randperm(len(digits.y_train), generator=g)[:bsz]
-            x, y = digits.x_train[idx], digits.y_train[idx]
-            dws = []
-            model.eval()  # keeps these reference passes out of the recorded factors
-            for i in range(bsz):
-                model.zero_grad()
-                (nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]) / bsz).backward()
-                dws.append(-lr * model.fc1.weight.grad.double())
-            model.train()
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            db = -lr * model.fc1.bias.grad.double()
-            opt.step()
-            rec.step(idx, labels=y, loss=loss)
-            per_example.append((idx, torch.stack(dws), db))
+    steps = 16
+    per_example = record_factors_run(path, digits, bsz=8, steps=steps, seed=1)
     store = hs.open_store(path)
     assert store.meta.tensor("fc1.weight").encoding == "factors"
     x = digits.x_test[:3]

@@ -524,23 +524,23 @@ def test_layer_called_twice_is_skipped_or_refused(tmp_path: Path) -> None:
 # -- exact per-example split from per-example factors ------------------------------------------
 
 
-def test_factors_split_each_steps_gamma_exactly_per_example(tmp_path: Path, digits: Digits) -> None:
-    """With per-example factors of fc1 (plain SGD), example i's score is Σ_t ⟨z, ΔW_{t,i} a⟩
-    plus its equal share of the bias part, where ΔW_{t,i} = −η ∂(L_t)/∂W restricted to example
-    i, computed here independently by one backward pass per example."""
+def record_factors_run(
+    path: Path, digits: Digits, bsz: int, steps: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Record plain SGD (lr 0.1) on the encodings MLP with fc1's deltas as per-example
+    factors; return, per step, (ids, ΔW_i of each example by its own backward pass, Δb)."""
     from historystore.encodings import EncodingRule
 
     from .test_encodings import MLP
 
     torch.manual_seed(0)
-    model, lr, bsz, steps = MLP(), 0.1, 16, 24
+    model, lr = MLP(), 0.1
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     cfg = hs.RecorderConfig(
         encodings=(EncodingRule("lowrank", {"max_rows": bsz}, pattern="fc1.weight"),)
     )
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     per_example: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # ids, ΔW_i, Δb
-    path = tmp_path / "f.zarr"
     with hs.Recorder(path, model, opt, cfg) as rec:
         for _ in range(steps):
             idx = torch.randperm(len(digits.y_train), generator=g)[:bsz]
@@ -559,6 +559,18 @@ def test_factors_split_each_steps_gamma_exactly_per_example(tmp_path: Path, digi
             opt.step()
             rec.step(idx, labels=y, loss=loss)
             per_example.append((idx, torch.stack(dws), db))
+    return per_example
+
+
+def test_factors_split_each_steps_gamma_exactly_per_example(tmp_path: Path, digits: Digits) -> None:
+    """With per-example factors of fc1 (plain SGD), example i's score is Σ_t ⟨z, ΔW_{t,i} a⟩
+    plus its equal share of the bias part, where ΔW_{t,i} = −η ∂(L_t)/∂W restricted to example
+    i, computed here independently by one backward pass per example."""
+    path = tmp_path / "f.zarr"
+    from .test_encodings import MLP
+
+    steps = 24
+    per_example = record_factors_run(path, digits, bsz=16, steps=steps, seed=0)
     store = hs.open_store(path)
     assert store.meta.tensor("fc1.weight").encoding == "factors"
 
