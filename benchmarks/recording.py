@@ -58,15 +58,20 @@ compact, train, ...), ``--repeats`` times; figures are medians.
 
 Measured:
 
-* time: wall and CPU seconds (CPU = this process, all threads: the writer's compression
-  included) of the whole loop; for recorded runs ``Recorder.__enter__`` through ``close()``.
-  overhead = recorded / train (medians). ``rec.step`` = seconds inside ``rec.step`` over the
-  run, of which ``flush`` is the time of the block-boundary flushes (building the block, checksums
-  of θ) and ``wait`` the time the loop was blocked handing blocks to the writer (backpressure);
-  ``close`` = the time ``close()`` waited for the writer to finish.
-* writer time ("writer time" lines): writes and MB per kind of array (deltas, optimizer state,
-  keyframes, the small per-step arrays), the seconds of the block's concurrent array writes,
-  and the rest of the writer's busy time (commits, creating arrays).
+* time: wall and CPU seconds (CPU = this process, all threads, and the writer process: the
+  writer's compression included) of the whole loop; for recorded runs ``Recorder.__enter__``
+  through ``close()``. overhead = recorded / train (medians); "x loop" = the loop up to its
+  last ``rec.step`` / train: recording's cost while training runs, without the one-off wait in
+  ``close()`` for the writer to finish the last block. ``rec.step`` = seconds inside
+  ``rec.step`` over the run, of which ``flush`` is the time of the block-boundary flushes
+  (building the block, checksums of lossy θ̂) and ``wait`` the time the loop was blocked
+  handing blocks to the writer (backpressure); ``close`` = the time ``close()`` waited for the
+  writer to finish.
+* writer time ("writer time" lines, from ``Recorder.stats``): writes and MB per kind of array
+  (deltas, optimizer state, keyframes, the small per-step arrays), the seconds of creating the
+  arrays, of the exact deltas (Δ and corrections from the block's θ rows), of the block's
+  concurrent array writes and of the commits, and the rest of the writer's busy time. The
+  writer is a forked process ("writer: process") unless the recorder fell back to a thread.
 * write throughput: raw bytes handed to zarr (the writer's ``bytes_raw``: uncompressed, deltas,
   optimizer state, keyframes, ids, ...) per second the writer thread was busy, and per second of
   the whole recorded loop (training included).
@@ -200,54 +205,17 @@ class _Timed:
         setattr(obj, name, timed)
 
 
-class _WriterParts:
-    """The writer thread's bytes and writes by kind of array, and the seconds of its
-    concurrent array writes (one ``_flush`` per block: the kinds overlap in time, so their
-    seconds are not separable); the rest of its busy time is commits and new arrays."""
-
-    FLUSH = "array writes (all kinds, concurrent)"
-
-    def __init__(self, writer: Any) -> None:
-        self.parts: dict[str, dict[str, float]] = {}
-        put, flush = getattr(writer, "_put_rows", None), getattr(writer, "_flush", None)
-        if put is None or flush is None:
-            return
-
-        def counted(path: str, start: int, data: np.ndarray | None) -> Any:
-            if data is not None and len(data):
-                d = self.parts.setdefault(_kind(path), {"seconds": 0.0, "bytes": 0, "calls": 0})
-                d["bytes"] += data.nbytes
-                d["calls"] += 1
-            return put(path, start, data)
-
-        def timed() -> Any:
-            t0 = time.perf_counter()
-            try:
-                return flush()
-            finally:
-                d = self.parts.setdefault(self.FLUSH, {"seconds": 0.0, "bytes": 0, "calls": 0})
-                d["seconds"] += time.perf_counter() - t0
-                d["calls"] += 1
-
-        writer._put_rows = counted
-        writer._flush = timed
-
-
-def _kind(path: str) -> str:
-    if path.startswith("optim/"):
-        return "optimizer state"
-    if path.startswith("params/"):
-        return "keyframes" if path.endswith("/keyframes") else "deltas"
-    if path.startswith("buffers/") or path == "keyframe_steps":
-        return "keyframes"
-    return "steps, batch, fixes"
-
-
 def _fingerprint(model: nn.Module) -> int:
     crc = 0
     for p in model.parameters():
         crc = zlib.crc32(p.detach().contiguous().numpy().tobytes(), crc)
     return crc
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and of its reaped children (the writer process)."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system
 
 
 def run_once(
@@ -264,17 +232,16 @@ def run_once(
     out: dict[str, Any] = {}
     rec: hs.Recorder | None = None
     step_s = 0.0
-    cpu0, t_start = time.process_time(), time.perf_counter()
+    cpu0, t_start = _cpu(), time.perf_counter()
     if config is not None:
         assert path is not None
         rec = hs.Recorder(path, model, opt, config, overwrite=True)
         t0 = time.perf_counter()
         rec.__enter__()
         out["enter_s"] = time.perf_counter() - t0
-        writer = getattr(rec, "_writer", None)  # rec.stats is NaN after close(): keep it
+        writer = getattr(rec, "_writer", None)
         flush = _Timed(rec, "_flush")
         wait = _Timed(writer, "submit")
-        parts = _WriterParts(writer)
     try:
         for idx in batches:
             y = w.y[idx]
@@ -294,16 +261,15 @@ def run_once(
         if rec is not None:
             rec.__exit__(*sys.exc_info())
         raise
+    # the loop's time up to the last step: recording's cost while training runs, without the
+    # one-off wait for the writer to finish the last block(s) at close
+    out["loop_s"] = time.perf_counter() - t_start
     if rec is not None:
         flush_s, wait_s, nflush = flush.seconds, wait.seconds, flush.calls
         t0 = time.perf_counter()
         rec.close()
         out["close_s"] = time.perf_counter() - t0
-        stats = (
-            {"bytes_raw": float(writer.bytes_raw), "writer_seconds": writer.seconds_busy}
-            if writer is not None
-            else rec.stats
-        )
+        stats = rec.stats
         out |= {
             "step_s": step_s,
             "flush_s": flush_s,
@@ -312,10 +278,11 @@ def run_once(
             "bytes_raw": stats["bytes_raw"],
             "writer_s": stats["writer_seconds"],
             "steps_per_block": rec.steps_per_block,
-            "writer_parts": parts.parts,
+            "writer": stats.get("writer", "thread"),
+            "writer_parts": stats.get("parts", {}),
         }
     out["wall_s"] = time.perf_counter() - t_start
-    out["cpu_s"] = time.process_time() - cpu0
+    out["cpu_s"] = _cpu() - cpu0
     out["final_crc"] = _fingerprint(model)
     return out
 
@@ -431,6 +398,7 @@ def bench_workload(
             k: _med(rs, k)
             for k in (
                 "wall_s",
+                "loop_s",
                 "cpu_s",
                 "enter_s",
                 "step_s",
@@ -442,6 +410,7 @@ def bench_workload(
             )
         }
         m["steps_per_block"] = rs[0]["steps_per_block"]
+        m["writer"] = rs[0]["writer"]
         m["flushes"] = rs[0]["flushes"]
         m["writer_parts"] = {
             kind: {
@@ -451,10 +420,11 @@ def bench_workload(
             }
             for kind, d in rs[0]["writer_parts"].items()
         }
-        m["writer_parts"]["other (commit, new arrays)"] = {
+        m["writer_parts"]["other"] = {
             "seconds": m["writer_s"] - sum(d["seconds"] for d in m["writer_parts"].values())
         }
         m["overhead_wall"] = m["wall_s"] / train_wall
+        m["overhead_loop"] = m["loop_s"] / train_wall
         m["overhead_cpu"] = m["cpu_s"] / train_cpu
         m["paired_overhead_wall"] = [
             r["wall_s"] / t["wall_s"] for r, t in zip(rs, runs["train"], strict=True)
@@ -634,6 +604,7 @@ TIME_COLUMNS = [  # (header, key of the per-config dict, format, divisor)
     ("spb", "steps_per_block", "{}", None),
     ("rec s", "wall_s", "{:.2f}", None),
     ("x wall", "overhead_wall", "{:.2f}", None),
+    ("x loop", "overhead_loop", "{:.2f}", None),
     ("x cpu", "overhead_cpu", "{:.2f}", None),
     ("enter s", "enter_s", "{:.2f}", None),
     ("rec.step s", "step_s", "{:.2f}", None),

@@ -261,7 +261,9 @@ def test_a_commit_is_one_metadata_write(tmp_path, digits, monkeypatch):
     model = DigitsCNN(channels=8, hidden=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cfg = hs.RecorderConfig(keyframe_every=8, steps_per_block=4)
-    with hs.Recorder(tmp_path / "c.zarr", model, opt, cfg) as rec:
+    # the thread writer: the writes are observed in this process (the writer process runs
+    # the same BlockWriter code)
+    with hs.Recorder(tmp_path / "c.zarr", model, opt, cfg, writer="thread") as rec:
         for _ in range(12):
             idx, loss = _train_step(model, opt, digits)
             rec.step(idx, loss=loss)

@@ -1,141 +1,117 @@
 """Exact replay: lossless deltas plus the sparse corrections that make replay bit-exact.
 
-Δ_t is taken against the recorder's copy of θ_t, and wherever ``fl(θ_t + Δ_t)`` misses θ_{t+1}
-bit for bit (about 1 element in 2,000 in float32, when the subtraction rounds), the exact bits
-of θ_{t+1} are stored as a sparse correction. The reader replays ``θ_{t+1} = fix(θ_t + Δ_t)``,
-which equals the trained weights bit for bit at every t.
+Δ_t is taken between the recorded snapshots θ_t and θ_{t+1}, and wherever ``fl(θ_t + Δ_t)``
+misses θ_{t+1} bit for bit (about 1 element in 2,000 in float32, when the subtraction rounds),
+the exact bits of θ_{t+1} are stored as a sparse correction. The reader replays
+``θ_{t+1} = fix(θ_t + Δ_t)``, which equals the trained weights bit for bit at every t.
 
-Why one flat buffer per dtype: the check costs a handful of whole-model tensor ops per step
-(gather θ, subtract, add back, compare bits, one ``any``) instead of five small ops and a
-device sync per tensor, which dominated ``rec.step`` for models of many small tensors. On CUDA
-the deltas go to the pinned block rows through :class:`~.transfer.HostCopier` (a side
-stream), so the training stream never waits for a device→host copy.
+Why in the writer, once per block: the training thread only copies θ_{t+1} into the block's
+rows (one batched copy per step); the subtraction, the add-back and the bit comparison then
+run here as a few whole-block tensor ops per tensor (``n + 1`` rows: θ_{t0} first) instead of
+a handful of small ops per step on the training thread.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .. import tensors
-from .transfer import HostCopier
 
 
 @dataclass
-class Fixes:
-    """Exact-replay corrections of the steps of one block, in step order."""
+class BlockDeltas:
+    """The deltas of one block's lossless tensors and their corrections, in step order."""
 
-    tensor: list[np.ndarray] = field(default_factory=list)
-    index: list[np.ndarray] = field(default_factory=list)
-    bits: list[np.ndarray] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)  # corrections per step
-
-    def mark(self) -> tuple[int, int]:
-        return len(self.index), len(self.counts)
-
-    def rollback(self, mark: tuple[int, int]) -> None:
-        """Drop what a failed step added (the steps before it stay valid)."""
-        del self.tensor[mark[0] :], self.index[mark[0] :], self.bits[mark[0] :]
-        del self.counts[mark[1] :]
-
-    def add(self, tensor: np.ndarray, index: np.ndarray, bits: np.ndarray) -> None:
-        """Corrections of the newest step (its count is ``counts[-1]``)."""
-        self.tensor.append(tensor)
-        self.index.append(index)
-        self.bits.append(bits.astype(np.uint64) & _mask(bits.dtype))
-        self.counts[-1] += len(index)
+    deltas: dict[str, np.ndarray]  # tensor name -> [n, *shape] (bfloat16 as uint16 bits)
+    counts: np.ndarray  # [n] corrections per step
+    tensor: np.ndarray  # int32 index into the store's tensor table
+    index: np.ndarray  # int64 flat index inside the tensor
+    bits: np.ndarray  # uint64: the exact bits of θ_{t+1}
+    crc: dict[str, int]  # tensor name -> crc marker of θ_{t0+n}
 
 
-class _Group:
-    """The lossless tensors of one dtype, gathered into flat buffers."""
+class Scratch:
+    """Per-tensor work buffers reused from block to block: fresh block-sized tensors would
+    cost a page fault per 4 KiB on first touch (as much as the arithmetic itself)."""
 
-    def __init__(self, members: list[int], params: list[torch.Tensor]) -> None:
-        self.members = members
-        self.sizes = [params[i].numel() for i in members]
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        first = params[members[0]]
-        self.int_dtype = tensors.int_view_dtype(first.dtype)
-        self.prev = torch.cat([params[i].detach().reshape(-1) for i in members])
-        self.cur = torch.empty_like(self.prev)
-        # CPU: one reused delta buffer; CUDA: a fresh one per step (the side stream's copy of
-        # it may still run; the caching allocator recycles it after that copy)
-        self.delta = torch.empty_like(self.prev) if first.device.type == "cpu" else None
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, str], torch.Tensor] = {}
+
+    def get(self, name: str, what: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._bufs.get((name, what))
+        if buf is None or buf.shape[0] < like.shape[0] or buf.dtype != dtype:
+            buf = self._bufs[(name, what)] = torch.empty(like.shape, dtype=dtype)
+        return buf[: like.shape[0]]
 
 
-class ExactDeltas:
-    """Writes lossless Δ_t rows and collects the corrections, all lossless tensors at once."""
+def block_deltas(
+    thetas: dict[str, np.ndarray],
+    order: dict[str, int],
+    dtypes: dict[str, str],
+    scratch: Scratch | None = None,
+) -> BlockDeltas:
+    """Δ rows and corrections of ``thetas`` (tensor name -> ``n + 1`` rows θ_{t0..t0+n}).
 
-    def __init__(
-        self, params: list[torch.Tensor], lossless: list[bool], copier: HostCopier
-    ) -> None:
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, (p, ok) in enumerate(zip(params, lossless, strict=True)):
-            if ok:
-                by_dtype.setdefault(p.dtype, []).append(i)
-        self._groups = [_Group(m, params) for m in by_dtype.values()]
-        self._copier = copier
-
-    def record(
-        self, params: list[torch.Tensor], rows: list[torch.Tensor | None], fixes: Fixes
-    ) -> None:
-        """Δ_t of every lossless tensor into ``rows[i]`` (its block row), and its corrections
-        into ``fixes`` (a new entry in ``fixes.counts``).
-
-        On CUDA the check of step t is read one step later (or at :meth:`finish`), so that
-        the host never waits for the step it has just queued: the GPU is then one step ahead.
-        """
-        self.finish(fixes)
-        fixes.counts.append(0)
-        for g in self._groups:
-            if g.delta is None:  # CUDA: θ_{t+1} must outlive this step for the late check
-                cur = torch.cat([params[i].detach().reshape(-1) for i in g.members])
-                delta = cur - g.prev
-            else:
-                cur = torch.cat([params[i].detach().reshape(-1) for i in g.members], out=g.cur)
-                delta = torch.sub(cur, g.prev, out=g.delta)
-            recon = g.prev.add_(delta)  # θ_t is not needed any more: fl(θ_t + Δ_t) in place
-            bad = recon.view(g.int_dtype).ne(cur.view(g.int_dtype))
-            dst = [rows[i] for i in g.members]
-            srcs = [
-                delta[int(a) : int(a) + s].view(r.shape)  # type: ignore[union-attr]
-                for a, s, r in zip(g.offsets[:-1], g.sizes, dst, strict=True)
-            ]
-            self._copier.copy(dst, srcs, snapshot=False)  # type: ignore[arg-type]
-            g.prev, g.cur = cur, g.prev  # θ_{t+1} is the next step's θ_t
-            # on CUDA read at the start of the next step, before prev (= cur) is updated
-            g.pending = (bad, cur)
-            if g.delta is not None:
-                self._check(g, fixes)
-
-    def finish(self, fixes: Fixes) -> None:
-        """Collect the corrections of a step whose check is still pending (CUDA)."""
-        for g in self._groups:
-            if g.pending is not None:
-                self._check(g, fixes)
-
-    @staticmethod
-    def _check(g: _Group, fixes: Fixes) -> None:
-        assert g.pending is not None
-        bad, cur = g.pending
-        g.pending = None
-        if bad.any():
-            idx = bad.nonzero().view(-1)
-            bits = cur[idx].view(g.int_dtype).cpu().numpy()
-            flat = idx.cpu().numpy().astype(np.int64)
-            which = np.searchsorted(g.offsets, flat, side="right") - 1
-            fixes.add(np.asarray(g.members, dtype=np.int32)[which], flat - g.offsets[which], bits)
-
-    def theta(self, i: int) -> torch.Tensor | None:
-        """The recorder's θ_t of lossless tensor ``i`` (flat, on the device), else None."""
-        for g in self._groups:
-            if i in g.members:
-                j = g.members.index(i)
-                a = int(g.offsets[j])
-                return g.prev[a : a + g.sizes[j]]
-        return None
+    ``order`` maps names to their tensor index; corrections are sorted by (step, tensor,
+    flat index), the order the reader applies them in. The deltas live in ``scratch``
+    until the next call.
+    """
+    scratch = scratch or Scratch()
+    deltas: dict[str, np.ndarray] = {}
+    rows: list[np.ndarray] = []
+    which: list[np.ndarray] = []
+    index: list[np.ndarray] = []
+    bits: list[np.ndarray] = []
+    crc: dict[str, int] = {}
+    n = 0
+    for name, rows_np in thetas.items():
+        theta = tensors.from_numpy(rows_np, dtypes[name])
+        n = theta.shape[0] - 1
+        if n <= 0:
+            continue
+        int_dtype = tensors.int_view_dtype(theta.dtype)
+        cur, prev = theta[1:], theta[:-1]
+        delta = torch.sub(cur, prev, out=scratch.get(name, "delta", cur, cur.dtype))
+        recon = torch.add(prev, delta, out=scratch.get(name, "recon", cur, cur.dtype))
+        bad = torch.ne(
+            recon.view(int_dtype),
+            cur.view(int_dtype),
+            out=scratch.get(name, "bad", cur, torch.bool),
+        ).view(n, -1)
+        deltas[name] = tensors.to_numpy_view(delta)
+        crc[name] = tensors.crc_marker(theta[n])
+        r, i = bad.nonzero(as_tuple=True)
+        if len(r):
+            b = cur.reshape(n, -1)[r, i].view(int_dtype).numpy()
+            rows.append(r.numpy())
+            index.append(i.numpy().astype(np.int64))
+            bits.append(b.astype(np.uint64) & _mask(b.dtype))
+            which.append(np.full(len(r), order[name], dtype=np.int32))
+    if not rows:
+        return BlockDeltas(
+            deltas,
+            np.zeros(n, dtype=np.int32),
+            np.zeros(0, dtype=np.int32),
+            np.zeros(0, dtype=np.int64),
+            np.zeros(0, dtype=np.uint64),
+            crc,
+        )
+    step = np.concatenate(rows)
+    tensor = np.concatenate(which)
+    # tensors were visited in an arbitrary order: sort by (step, tensor); within one tensor
+    # nonzero() already lists the indices in order (a stable sort keeps it)
+    perm = np.lexsort((tensor, step))
+    return BlockDeltas(
+        deltas,
+        np.bincount(step, minlength=n).astype(np.int32),
+        tensor[perm],
+        np.concatenate(index)[perm],
+        np.concatenate(bits)[perm],
+        crc,
+    )
 
 
 def _mask(dtype: np.dtype) -> np.uint64:

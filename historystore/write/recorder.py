@@ -23,13 +23,20 @@ from ..config import RecorderConfig
 from ..encodings import Encoding, StepContext, get_encoding
 from ..errors import EncodingError, NotAStoreError, RecorderError
 from ..meta import layout
-from .exact import ExactDeltas, Fixes
+from . import process
 from .keyframes import keyframe_due, make_keyframe
 from .lock import writer_lock
 from .open import create_new, named_trainable, numeric_hparams, open_existing
 from .state import StateCapture
 from .transfer import HostCopier
 from .writer import Block, BlockWriter
+
+WRITERS = ("auto", "process", "thread")
+#: "auto" keeps the thread writer for models with more CPU-resident parameter bytes than
+#: this: the forked writer shares the trainer's pages copy-on-write, so every page training
+#: rewrites afterwards is duplicated (up to 2x the trainer's memory), while the GIL the
+#: process avoids matters little when steps are long and spent in kernels
+PROCESS_WRITER_MAX_PARAM_BYTES = 256 * 1024 * 1024
 
 IdsLike = torch.Tensor | np.ndarray | Sequence[int]
 
@@ -78,6 +85,11 @@ class Recorder:
     ``open_store(path).restore(model, optimizer)``. ``path`` may be a store URL
     (``s3://bucket/run.zarr``, ``memory://run``); ``storage_options`` go to its fsspec
     filesystem.
+
+    ``writer``: where compression and zarr writes run. "process" forks a writer process
+    (Linux, local stores, CPU training: :mod:`.process`), which keeps zarr's Python work off
+    the training loop's GIL; "thread" a background thread; "auto" (default) the process
+    where it can run and the model's parameters take under 256 MiB, else the thread.
     """
 
     def __init__(
@@ -91,7 +103,11 @@ class Recorder:
         resume: bool = False,
         overwrite: bool = False,
         storage_options: dict[str, Any] | None = None,
+        writer: str = "auto",
     ) -> None:
+        if writer not in WRITERS:
+            raise ValueError(f"writer must be one of {WRITERS}, got {writer!r}")
+        self.writer_kind = writer
         self.path = layout.local_path(path)
         self.storage_options = storage_options
         self.model = model
@@ -100,7 +116,8 @@ class Recorder:
         self.run_config = dict(run_config or {})
         self.resume = resume
         self.overwrite = overwrite
-        self._writer: BlockWriter | None = None
+        self._writer: BlockWriter | process.ProcessWriter | None = None
+        self._closed_writer: BlockWriter | process.ProcessWriter | None = None
         self._init_layout: Callable[[], None] | None = None
         self._hook: Any = None
         self._io: dict[int, _IOCapture] = {}
@@ -162,9 +179,7 @@ class Recorder:
             for t in self.meta.tensors
         ]
         self._copier = HostCopier(self.device)
-        self._exact = ExactDeltas(
-            [p for _, p in self._params], [e.lossless for e in self._encs], self._copier
-        )
+        self._lossless = [i for i, e in enumerate(self._encs) if e.lossless]
         # lossy tensors: θ as the reader will replay it: θ̂ (feedback encodings: _prev itself),
         # a separate running sum of decoded deltas (other dense encodings), or none
         self._prev = [
@@ -192,14 +207,9 @@ class Recorder:
             self.meta.recorder.get("state_plan", {}),
             self.steps_per_block,
             self._copier,
+            self._empty,
         )
-        self._writer = BlockWriter(
-            self._group,
-            self.meta,
-            self._commit,
-            self.meta.recorder["max_pending_blocks"],
-            init=self._init_layout,
-        )
+        self._writer = self._start_writer()
         # blocks alive at once: the queued ones, the one being written, the one being filled
         self._pool = _BufferPool(self._alloc_block, self.meta.recorder["max_pending_blocks"] + 2)
         self._hook = self.optimizer.register_step_post_hook(self._on_optimizer_step)
@@ -209,6 +219,42 @@ class Recorder:
             self._block.keyframes.append(self._keyframe(0))
             self._flush(force=True)
         return self
+
+    def _use_process(self) -> bool:
+        if self.writer_kind == "thread":
+            return False
+        why = None
+        if not process.supported():
+            why = "it needs Linux"
+        elif not layout.is_local(self.path):
+            why = "it writes local stores only"
+        elif self._cuda:
+            why = "it does not map CUDA's pinned buffers"
+        if why is None or self.writer_kind == "auto":
+            big = sum(p.numel() * p.element_size() for _, p in self._params)
+            return why is None and (
+                self.writer_kind == "process" or big <= PROCESS_WRITER_MAX_PARAM_BYTES
+            )
+        raise RecorderError(f'writer="process" is not available here: {why}')
+
+    def _start_writer(self) -> BlockWriter | process.ProcessWriter:
+        max_pending = self.meta.recorder["max_pending_blocks"]
+        if self._use_process():
+            w = process.ProcessWriter(
+                self._group, self.meta, self._commit, max_pending, init=self._init_layout
+            )
+            self._rows: process.SharedRows | None = w.rows
+            return w
+        self._rows = None
+        return BlockWriter(
+            self._group, self.meta, self._commit, max_pending, init=self._init_layout
+        )
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A block buffer: shared with the writer process, pinned on CUDA, else plain."""
+        if self._rows is not None:
+            return self._rows.empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype, pin_memory=self._cuda)
 
     def _param_groups(self) -> list[int]:
         return [
@@ -231,31 +277,30 @@ class Recorder:
         return self._t
 
     def _alloc_block(self) -> dict[str, Any]:
+        """Rows of one block: θ_{t0..t0+spb} of lossless tensors (the writer takes their
+        deltas), the encoded rows of lossy ones, and (later) the optimizer state's."""
         spb = self.steps_per_block
-        pin = self._cuda
-
-        def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-            return torch.empty((spb, *shape), dtype=dtype, pin_memory=pin)
-
-        return {
-            "arrays": [
-                {
-                    a: empty(spec.shape, tensors.torch_dtype(spec.dtype))
-                    for a, spec in enc.arrays().items()
-                }
-                for enc in self._encs
-            ],
-            "states": {},
-        }
+        arrays: list[dict[str, torch.Tensor]] = []
+        for enc, (_, p) in zip(self._encs, self._params, strict=True):
+            if enc.lossless:
+                arrays.append({"theta": self._empty((spb + 1, *p.shape), p.dtype)})
+            else:
+                arrays.append(
+                    {
+                        a: self._empty((spb, *spec.shape), tensors.torch_dtype(spec.dtype))
+                        for a, spec in enc.arrays().items()
+                    }
+                )
+        return {"arrays": arrays, "states": {}}
 
     def _start_block(self, t0: int) -> None:
         self._t = t0
         self._block = Block(t0=t0, n=0)
         self._bufs = self._pool.get()
-        self._delta_rows = [
-            a["delta"] if e.lossless else None
-            for a, e in zip(self._bufs["arrays"], self._encs, strict=True)
-        ]
+        self._theta_rows = [self._bufs["arrays"][i]["theta"] for i in self._lossless]
+        self._lossless_params = [self._params[i][1] for i in self._lossless]
+        with torch.no_grad():  # row 0: θ_{t0}, the base of the block's first delta
+            self._copier.copy([r[0] for r in self._theta_rows], self._lossless_params, True)
         self._slot = 0
         self._ids: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
@@ -268,7 +313,6 @@ class Recorder:
             "ghost_size": [],
         }
         self._hparam_rows: dict[str, list[float]] = {k: [] for k in self.meta.hparam_keys}
-        self._fixes = Fixes()
         self._err_rows: list[np.ndarray] = []
         self._block_end = (t0 // self.steps_per_block + 1) * self.steps_per_block
 
@@ -281,14 +325,19 @@ class Recorder:
         n = self._slot
         if n == 0 and not b.keyframes and not force:
             return
-        self._exact.finish(self._fixes)
         self._copier.synchronize()
         bufs = self._bufs
         b.n = n
         b.arrays = {
             name: {a: tensors.to_numpy_view(v[:n]) for a, v in bufs["arrays"][i].items()}
             for i, (name, _) in enumerate(self._params)
+            if not self._encs[i].lossless
         }
+        if n:
+            b.thetas = {
+                self._params[i][0]: tensors.to_numpy_view(bufs["arrays"][i]["theta"][: n + 1])
+                for i in self._lossless
+            }
         b.enc_error = (
             np.stack(self._err_rows).astype(np.float32)
             if n
@@ -303,16 +352,16 @@ class Recorder:
         b.scalars = {"loss": np.asarray(losses, dtype=np.float64)}
         for k, v in self._scalar_rows.items():
             b.scalars[k] = np.asarray(v, dtype=layout.STEP_SCALARS[k][0])
-        b.scalars["num_fixes"] = np.asarray(self._fixes.counts, dtype=np.int32)
+        b.scalars["num_fixes"] = np.zeros(n, dtype=np.int32)  # the writer counts them
         b.ids = _cat(self._ids)
         b.labels = _cat(self._labels)
         b.ghost_ids = _cat(self._ghosts)
-        b.fix_tensor = _cat(self._fixes.tensor, np.int32)
-        b.fix_index = _cat(self._fixes.index)
-        b.fix_bits = _cat(self._fixes.bits, np.uint64)
+        b.fix_tensor = np.zeros(0, dtype=np.int32)
+        b.fix_index = np.zeros(0, dtype=np.int64)
+        b.fix_bits = np.zeros(0, dtype=np.uint64)
         b.theta_crc = np.zeros((n, len(self._params)), dtype=np.uint64)
-        if n:
-            b.theta_crc[n - 1] = [self._theta_crc(i) for i in range(len(self._params))]
+        if n:  # the writer adds the lossless tensors' fingerprints
+            b.theta_crc[n - 1, self._lossy] = [self._theta_crc(i) for i in self._lossy]
         b.optim_state = {k: list(v) for k, v in self.meta.optim_state.items()}
         b.release = lambda bufs=bufs: self._pool.put(bufs)
         assert self._writer is not None
@@ -320,12 +369,10 @@ class Recorder:
         self._start_block(b.t0 + n)
 
     def _theta_crc(self, i: int) -> int:
-        """Fingerprint of θ as the reader replays it (0 for undecodable encodings)."""
+        """Fingerprint of lossy θ̂ as the reader replays it (0 for undecodable encodings)."""
         if "dense" not in self._encs[i].capabilities:
             return 0
-        theta = self._exact.theta(i)
-        if theta is None:
-            theta = self._recon[i] if self._recon[i] is not None else self._prev[i]
+        theta = self._recon[i] if self._recon[i] is not None else self._prev[i]
         assert theta is not None
         return tensors.crc_marker(theta)
 
@@ -402,12 +449,13 @@ class Recorder:
         slot = self._slot
         bufs = self._bufs
         errors = np.full((len(self._params), 2), np.nan, dtype=np.float32)
-        mark = self._fixes.mark()
         try:
             with torch.no_grad():
                 params = [p for _, p in self._params]
-                self._exact.record(
-                    params, [r if r is None else r[slot] for r in self._delta_rows], self._fixes
+                # θ_{t+1} into the block: the writer takes the deltas (and the exact-replay
+                # corrections) for the whole block at once
+                self._copier.copy(
+                    [r[slot + 1] for r in self._theta_rows], self._lossless_params, True
                 )
                 self._norms: list[tuple[int, torch.Tensor]] = []
                 for i in self._lossy:
@@ -421,9 +469,8 @@ class Recorder:
                 if self.meta.recorder["optimizer_state"] == "every_step":
                     self._state.capture(bufs["states"], slot)
         except BaseException as e:
-            # part of this step's state was consumed: refuse to record further steps, and
-            # drop what this step added so that the steps before it commit cleanly
-            self._fixes.rollback(mark)
+            # part of this step's state was consumed: refuse to record further steps (the
+            # block's rows up to the previous step are intact and commit cleanly)
             self._broken = e
             raise
         now = time.time()
@@ -513,7 +560,7 @@ class Recorder:
             writer, self._writer = self._writer, None
             self._teardown(writer)
 
-    def _teardown(self, writer: BlockWriter | None) -> None:
+    def _teardown(self, writer: BlockWriter | process.ProcessWriter | None) -> None:
         """Remove the hooks, wait for the writer, release the lock (whatever fails first)."""
         try:
             if self._hook is not None:
@@ -522,6 +569,7 @@ class Recorder:
             for cap in self._io.values():
                 cap.remove()
             if writer is not None:
+                self._closed_writer = writer
                 writer.close()
         finally:
             self._lock.release()
@@ -535,12 +583,18 @@ class Recorder:
         self.close()
 
     @property
-    def stats(self) -> dict[str, float]:
-        """Writer statistics (raw bytes written, seconds the writer was busy)."""
-        w = self._writer
+    def stats(self) -> dict[str, Any]:
+        """Writer statistics: raw bytes written, seconds the writer was busy, and where they
+        went (``parts``); kept after ``close()``."""
+        w = self._writer or self._closed_writer
+        if w is None:
+            return {"bytes_raw": math.nan, "writer_seconds": math.nan, "parts": {}}
+        st = w.stats
         return {
-            "bytes_raw": float(w.bytes_raw) if w else math.nan,
-            "writer_seconds": w.seconds_busy if w else math.nan,
+            "bytes_raw": float(st["bytes_raw"]),
+            "writer_seconds": float(st["seconds_busy"]),
+            "parts": st["parts"],
+            "writer": "process" if isinstance(w, process.ProcessWriter) else "thread",
         }
 
 

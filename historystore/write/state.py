@@ -11,6 +11,7 @@ tensors), with the layout checked only by each state's key count.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ class StateCapture:
         plan: dict[str, str],
         steps_per_block: int,
         copier: HostCopier,
+        alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
     ) -> None:
         self.names = names
         self.params = params
@@ -42,7 +44,7 @@ class StateCapture:
         self.plan = plan
         self.spb = steps_per_block
         self.copier = copier
-        self.pin = params[0].device.type == "cuda"
+        self.alloc = alloc  # block rows: shared with a writer process, or pinned on CUDA
         # per tensor: [(optimizer key, stored name)] of the stored keys, and the key count
         self._keys: list[list[tuple[Any, str]] | None] = [None] * len(params)
         self._count: list[int] = [0] * len(params)
@@ -133,8 +135,6 @@ class StateCapture:
 
     def _alloc(self, i: int, sname: str, slot: int) -> torch.Tensor:
         spec = next(s for s in self.meta.optim_state[self.names[i]] if s.name == sname)
-        buf = torch.empty(
-            (self.spb, *spec.shape), dtype=tensors.torch_dtype(spec.dtype), pin_memory=self.pin
-        )
+        buf = self.alloc((self.spb, *spec.shape), tensors.torch_dtype(spec.dtype))
         buf[:slot] = 0  # the rows before a late first state read as zeros
         return buf

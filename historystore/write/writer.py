@@ -31,6 +31,7 @@ from ..errors import RecorderError
 from ..meta import layout
 from ..meta.commit import Commit
 from ..meta.layout import RunMeta
+from .exact import Scratch, block_deltas
 from .keyframes import Keyframe
 
 
@@ -41,6 +42,9 @@ class Block:
     t0: int
     n: int
     arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # tensor -> encoded
+    # lossless tensors: θ_{t0}, ..., θ_{t0+n} (n + 1 rows); the writer turns them into Δ rows,
+    # exact-replay corrections and θ fingerprints (:func:`.exact.block_deltas`)
+    thetas: dict[str, np.ndarray] = field(default_factory=dict)
     enc_error: np.ndarray | None = None  # [n, tensors, 2] relative error of Δ and of θ̂
     states: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     scalars: dict[str, np.ndarray] = field(default_factory=dict)
@@ -51,7 +55,7 @@ class Block:
     fix_tensor: np.ndarray | None = None
     fix_index: np.ndarray | None = None
     fix_bits: np.ndarray | None = None
-    theta_crc: np.ndarray | None = None
+    theta_crc: np.ndarray | None = None  # [n, tensors]; the lossless ones filled by the writer
     keyframes: list[Keyframe] = field(default_factory=list)
     release: Callable[[], None] | None = None
     optim_state: dict[str, list[Any]] | None = None  # the state layout as of this block
@@ -237,7 +241,11 @@ def create_state_arrays(
 
 
 class BlockWriter:
-    """Writes blocks in a background thread; errors are re-raised in the caller's thread."""
+    """Writes blocks in a background thread; errors are re-raised in the caller's thread.
+
+    With ``thread=False`` nothing runs in the background: :mod:`.process` drives
+    :meth:`run_block` from a writer process instead.
+    """
 
     def __init__(
         self,
@@ -246,24 +254,45 @@ class BlockWriter:
         commit: Commit,
         max_pending: int,
         init: Callable[[], None] | None = None,
+        *,
+        thread: bool = True,
     ) -> None:
         """``init`` runs first in the writer thread (creating a new store's arrays)."""
         self.group = group
         self._init = init
         self.meta = meta
         self.commit = commit
-        self._encodings = {
-            t.name: get_encoding(t.encoding, t.shape, t.dtype, **t.encoding_params)
-            for t in meta.tensors
-        }
+        self._order = {t.name: i for i, t in enumerate(meta.tensors)}
+        self._dtypes = {t.name: t.dtype for t in meta.tensors}
+        self._scratch = Scratch()
         self._queue: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._puts: list[tuple[zarr.Array, int, np.ndarray]] = []
         self.bytes_raw = 0
         self.seconds_busy = 0.0
-        self._thread = threading.Thread(target=self._run, name="historystore-writer", daemon=True)
-        self._thread.start()
+        #: where the writer's time and bytes go: {part: {"seconds", "bytes", "calls"}}
+        self.parts: dict[str, dict[str, float]] = {}
+        self._thread: threading.Thread | None = None
+        if thread:
+            self._thread = threading.Thread(
+                target=self._run, name="historystore-writer", daemon=True
+            )
+            self._thread.start()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {
+            "bytes_raw": self.bytes_raw,
+            "seconds_busy": self.seconds_busy,
+            "parts": {k: dict(v) for k, v in self.parts.items()},
+        }
+
+    def _count(self, part: str, seconds: float = 0.0, nbytes: int = 0) -> None:
+        d = self.parts.setdefault(part, {"seconds": 0.0, "bytes": 0, "calls": 0})
+        d["seconds"] += seconds
+        d["bytes"] += nbytes
+        d["calls"] += 1
 
     # -- caller side -------------------------------------------------------------------------
     def submit(self, block: Block) -> None:
@@ -282,32 +311,41 @@ class BlockWriter:
 
     def close(self) -> None:
         """Drain the queue, stop the thread and raise any writer error."""
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
         self.raise_if_failed()
 
-    # -- writer thread -----------------------------------------------------------------------
-    def _run(self) -> None:
+    # -- writer side -------------------------------------------------------------------------
+    def run_init(self) -> None:
         if self._init is not None:
             try:
                 start = time.perf_counter()
                 self._init()
+                self._count("creating arrays", time.perf_counter() - start)
                 self.seconds_busy += time.perf_counter() - start
             except BaseException as e:
                 self._error = e
+
+    def run_block(self, block: Block) -> None:
+        """Write one block unless an earlier one failed (then it is dropped)."""
+        if self._error is not None:
+            return
+        try:
+            start = time.perf_counter()
+            self.write(block)
+            self.seconds_busy += time.perf_counter() - start
+        except BaseException as e:
+            self._error = e
+
+    def _run(self) -> None:
+        self.run_init()
         while True:
             block = self._queue.get()
             if block is None:
                 return
-            if self._error is not None:  # drop further blocks after a failure, keep draining
-                continue
             try:
-                start = time.perf_counter()
-                self.write(block)
-                self.seconds_busy += time.perf_counter() - start
-            except BaseException as e:
-                self._error = e
+                self.run_block(block)
             finally:
                 if block.release is not None:
                     block.release()
@@ -325,6 +363,7 @@ class BlockWriter:
             return
         self._puts.append((self._array(path), start, data))
         self.bytes_raw += data.nbytes
+        self._count(_kind(path), nbytes=data.nbytes)
 
     def _flush(self) -> None:
         """Write every queued put concurrently on zarr's event loop.
@@ -351,7 +390,9 @@ class BlockWriter:
             await asyncio.gather(*(put_rows(p) for p in by_array.values()))
 
         if by_array:
+            start = time.perf_counter()
             sync(put_all())
+            self._count("array writes (all kinds, concurrent)", time.perf_counter() - start)
 
     def _new_state_arrays(self, optim_state: dict[str, list[Any]], t0: int) -> None:
         """Create the state arrays a block brings (the first step's, or a tensor whose state
@@ -387,6 +428,8 @@ class BlockWriter:
             raise RecorderError(f"block starts at step {t0} but {c.num_steps} steps are committed")
         if n and block.optim_state is not None:
             self._new_state_arrays(block.optim_state, t0)
+        if n and block.thetas:
+            self._exact_deltas(block)
         if n:
             nonfinite = np.zeros((n, len(self.meta.tensors)), dtype=np.int32)
             for i, t in enumerate(self.meta.tensors):
@@ -427,8 +470,33 @@ class BlockWriter:
         )
         # one metadata write: zarr's ``attrs.update`` writes the JSON once per key, and a kill
         # between two of those writes would leave a commit that mixes two blocks' counts
+        start = time.perf_counter()
         self.group["commit"].update_attributes({**new.__dict__, "updated": time.time()})
+        self._count("commit", time.perf_counter() - start)
         self.commit = new
+
+    def _exact_deltas(self, block: Block) -> None:
+        """Δ rows, corrections and θ fingerprints of the block's lossless tensors."""
+        start = time.perf_counter()
+        d = block_deltas(block.thetas, self._order, self._dtypes, self._scratch)
+        for name, delta in d.deltas.items():
+            block.arrays[name] = {"delta": delta}
+        assert block.theta_crc is not None
+        for name, crc in d.crc.items():
+            block.theta_crc[block.n - 1, self._order[name]] = crc
+        block.scalars["num_fixes"] = d.counts
+        block.fix_tensor, block.fix_index, block.fix_bits = d.tensor, d.index, d.bits
+        self._count("exact deltas", time.perf_counter() - start)
+
+
+def _kind(path: str) -> str:
+    if path.startswith("optim/"):
+        return "optimizer state"
+    if path.startswith("params/"):
+        return "keyframes" if path.endswith("/keyframes") else "deltas"
+    if path.startswith("buffers/") or path == "keyframe_steps":
+        return "keyframes"
+    return "steps, batch, fixes"
 
 
 def _count_nonfinite(block: np.ndarray) -> np.ndarray:

@@ -1,0 +1,163 @@
+"""The writer process: same bytes as the thread writer, and clear failures when it dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import historystore as hs
+from attribution.demo.model import DigitsCNN
+from historystore.meta.verify import verify
+from historystore.write import process
+
+pytestmark = pytest.mark.skipif(not process.supported(), reason="the writer process needs Linux")
+
+
+def _record(path, digits, writer, steps=40, kind="sgd", config=None, on_step=None):
+    torch.manual_seed(0)
+    model = DigitsCNN(channels=8, hidden=32)
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if kind == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    )
+    g = torch.Generator().manual_seed(0)
+    cfg = config or hs.RecorderConfig(keyframe_every=16, steps_per_block=8)
+    with hs.Recorder(path, model, opt, cfg, writer=writer) as rec:
+        for t in range(steps):
+            idx = torch.randperm(len(digits.y_train), generator=g)[:32]
+            loss = torch.nn.functional.cross_entropy(
+                model(digits.x_train[idx]), digits.y_train[idx]
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(idx, labels=digits.y_train[idx], loss=loss)
+            if on_step is not None:
+                on_step(rec, t)
+        stats = rec
+    return model, stats
+
+
+def _arrays(path):
+    out = {}
+    g = zarr.open_group(str(path), mode="r")
+    for name, arr in g.arrays():
+        out[name] = arr[:]
+    for name, sub in g.groups():
+        if name == "commit":
+            continue
+        for key, arr in sub.arrays():
+            out[f"{name}/{key}"] = arr[:]
+        for key, sub2 in sub.groups():
+            for k2, arr in sub2.arrays():
+                out[f"{name}/{key}/{k2}"] = arr[:]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_process_and_thread_writers_store_the_same_bytes(tmp_path, digits, kind):
+    m1, rec1 = _record(tmp_path / "p.zarr", digits, "process", kind=kind)
+    _record(tmp_path / "t.zarr", digits, "thread", kind=kind)
+    assert rec1.stats["writer"] == "process"
+    a, b = _arrays(tmp_path / "p.zarr"), _arrays(tmp_path / "t.zarr")
+    assert sorted(a) == sorted(b)
+    assert any(k.endswith("delta") for k in a) and "fixes/index" in a
+    for k in a:
+        if k == "steps/timestamp" or k == "steps/duration":
+            continue
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert len(a["fixes/index"]) > 0  # the run needs corrections: the test checks them
+    store = hs.open_store(tmp_path / "p.zarr")
+    replayed = store.params_at(40)
+    for n, p in m1.named_parameters():
+        assert torch.equal(replayed[n].view(torch.int32), p.detach().view(torch.int32)), n
+    assert verify(str(tmp_path / "p.zarr")).ok
+    parts = rec1.stats["parts"]
+    assert parts["deltas"]["bytes"] == 40 * sum(p.numel() * 4 for p in m1.parameters())
+    assert parts["exact deltas"]["calls"] == 5
+
+
+def test_a_killed_writer_process_is_a_clear_error_and_loses_nothing_committed(tmp_path, digits):
+    path = tmp_path / "k.zarr"
+
+    def kill_writer(rec, t):
+        if t == 20:
+            deadline = time.time() + 20
+            while rec._writer.stats["bytes_raw"] == 0 or hs.open_store(path).num_steps < 16:
+                assert time.time() < deadline
+                rec._writer.raise_if_failed()
+                time.sleep(0.05)
+            os.kill(rec._writer.pid, signal.SIGKILL)
+            time.sleep(0.2)
+
+    with pytest.raises(hs.RecorderError, match=r"writer process \(pid \d+\) died.*signal 9"):
+        _record(path, digits, "process", on_step=kill_writer)
+    store = hs.open_store(path)
+    assert store.num_steps == 16
+    assert verify(str(path)).ok
+
+
+def test_ctrl_c_does_not_stop_the_writer_process(tmp_path, digits):
+    def interrupt(rec, t):
+        if t == 3:
+            os.kill(rec._writer.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends it too
+
+    _record(tmp_path / "i.zarr", digits, "process", on_step=interrupt)
+    assert hs.open_store(tmp_path / "i.zarr").num_steps == 40
+
+
+def test_the_writer_process_dies_with_its_trainer(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time, torch, historystore as hs
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rec = hs.Recorder({str(tmp_path / "d.zarr")!r}, model, opt, writer="process").__enter__()
+        print(rec._writer.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(proc.stdout.readline())
+        os.kill(child, 0)  # alive
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while True:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            # a zombie until init reaps it counts as gone
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    break
+            assert time.time() < deadline, "the writer process outlived its trainer"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+
+
+def test_writer_choice_is_validated(tmp_path):
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="writer must be one of"):
+        hs.Recorder(tmp_path / "a.zarr", model, opt, writer="fork")
+    with (
+        pytest.raises(hs.RecorderError, match="local stores only"),
+        hs.Recorder("memory://w-choice", model, opt, writer="process"),
+    ):
+        pass
+    with hs.Recorder("memory://w-auto", model, opt) as rec:  # auto: the thread there
+        assert not isinstance(rec._writer, process.ProcessWriter)
