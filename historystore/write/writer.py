@@ -61,43 +61,62 @@ class Block:
     optim_state: dict[str, list[Any]] | None = None  # the state layout as of this block
 
 
-def _create(
-    group: zarr.Group,
-    path: str,
-    row_shape: tuple[int, ...],
-    dtype: str,
-    *,
-    chunk_rows: int,
-    shard_rows: int | None,
-    codec: str,
-    description: str,
-) -> zarr.Array:
-    dtype = layout.storage_dtype(dtype)
-    kwargs: dict[str, Any] = {}
-    if shard_rows is not None and shard_rows != chunk_rows:
-        kwargs["shards"] = (shard_rows, *row_shape)
-    return group.create_array(
-        path,
-        shape=(0, *row_shape),
-        chunks=(chunk_rows, *row_shape),
-        dtype=dtype,
-        compressors=codecs.compressors(codec, np.dtype(dtype).itemsize),
-        fill_value=0,
-        attributes={"description": description},
-        # every chunk is written, even all-zero ones: a missing chunk file then means loss
-        config={"write_empty_chunks": True},
-        **kwargs,
-    )
+class _Creation:
+    """Arrays to create, then created concurrently on zarr's event loop: each creation is a
+    few small metadata writes (mostly latency), and a new store has dozens of arrays."""
+
+    def __init__(self) -> None:
+        self._arrays: list[tuple[str, dict[str, Any]]] = []
+
+    def add(
+        self,
+        path: str,
+        row_shape: tuple[int, ...],
+        dtype: str,
+        *,
+        chunk_rows: int,
+        shard_rows: int | None,
+        codec: str,
+        description: str,
+    ) -> None:
+        dtype = layout.storage_dtype(dtype)
+        kwargs: dict[str, Any] = {}
+        if shard_rows is not None and shard_rows != chunk_rows:
+            kwargs["shards"] = (shard_rows, *row_shape)
+        kwargs |= dict(
+            shape=(0, *row_shape),
+            chunks=(chunk_rows, *row_shape),
+            dtype=dtype,
+            compressors=codecs.compressors(codec, np.dtype(dtype).itemsize),
+            fill_value=0,
+            attributes={"description": description},
+            # every chunk is written, even all-zero ones: a missing chunk file means loss
+            config={"write_empty_chunks": True},
+        )
+        self._arrays.append((path, kwargs))
+
+    def run(self, group: zarr.Group) -> None:
+        ag = group._async_group
+
+        async def create_all() -> None:
+            # parents first: two arrays of one tensor would otherwise race to create it
+            parents = sorted({p.rpartition("/")[0] for p, _ in self._arrays} - {""})
+            for parent in parents:
+                await ag.require_group(parent)
+            await asyncio.gather(*(ag.create_array(p, **kw) for p, kw in self._arrays))
+
+        if self._arrays:
+            sync(create_all())
 
 
 def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> None:
     """Create every array that exists from the start (optimizer state comes with step 1)."""
     rc = meta.recorder
+    new = _Creation()
     for t in meta.tensors:
         enc = get_encoding(t.encoding, t.shape, t.dtype, **t.encoding_params)
         for array, spec in enc.arrays().items():
-            _create(
-                group,
+            new.add(
                 layout.param_path(t.name, array),
                 spec.shape,
                 spec.dtype,
@@ -107,8 +126,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
                 description=f"encoding {t.encoding!r} array {array!r} of Δ_t = θ_(t+1) − θ_t "
                 f"for parameter {t.name!r}, one row per step",
             )
-        _create(
-            group,
+        new.add(
             layout.keyframe_path(t.name),
             t.shape,
             t.dtype,
@@ -118,8 +136,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
             description=f"θ_t of {t.name!r} at the steps in /keyframe_steps (exact)",
         )
     for b in meta.buffers:
-        _create(
-            group,
+        new.add(
             layout.buffer_path(b.name),
             b.shape,
             b.dtype,
@@ -129,8 +146,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
             description=f"module buffer or untrained parameter {b.name!r} at the steps in "
             "/keyframe_steps",
         )
-    _create(
-        group,
+    new.add(
         "keyframe_steps",
         (),
         "int64",
@@ -140,8 +156,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
         description="steps t at which keyframes hold θ_t (0 = initial weights)",
     )
     for name, (dtype, desc) in layout.STEP_SCALARS.items():
-        _create(
-            group,
+        new.add(
             f"steps/{name}",
             (),
             dtype,
@@ -150,8 +165,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
             codec=codecs.DEFAULT_INT_CODEC,
             description=desc,
         )
-    _create(
-        group,
+    new.add(
         "steps/theta_crc",
         (len(meta.tensors),),
         "uint64",
@@ -161,8 +175,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
         description="2**32 + crc32 of each tensor's θ_(t+1) bytes at the last step of every "
         "written block (0 elsewhere): verify checks replay against it",
     )
-    _create(
-        group,
+    new.add(
         "steps/encoding_error",
         (len(meta.tensors), 2),
         "float32",
@@ -172,8 +185,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
         description="relative L2 error per tensor of the decoded Δ_t and of the replayed "
         "θ_(t+1) (NaN for lossless or undecodable encodings)",
     )
-    _create(
-        group,
+    new.add(
         "steps/nonfinite",
         (len(meta.tensors),),
         "int32",
@@ -184,8 +196,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
         "the 'tensors' table)",
     )
     for key in meta.hparam_keys:
-        _create(
-            group,
+        new.add(
             layout.hparam_path(key),
             (),
             "float64",
@@ -195,8 +206,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
             description=f"optimizer hyperparameter {key} (param group.key) at each step",
         )
     for path, (dtype, desc) in layout.RAGGED.items():
-        _create(
-            group,
+        new.add(
             path,
             (),
             dtype,
@@ -205,6 +215,7 @@ def create_layout(group: zarr.Group, meta: RunMeta, steps_per_block: int) -> Non
             codec=codecs.DEFAULT_INT_CODEC,
             description=desc,
         )
+    new.run(group)
     c = group.create_group("commit")
     c.update_attributes(
         {
@@ -219,6 +230,7 @@ def create_state_arrays(
     group: zarr.Group, meta: RunMeta, steps_per_block: int, chunk_bytes: int
 ) -> None:
     """Optimizer state arrays, created when the first step reveals the state's layout."""
+    new = _Creation()
     for name, specs in meta.optim_state.items():
         for s in specs:
             path = layout.optim_path(name, s.name)
@@ -228,8 +240,7 @@ def create_state_arrays(
                 int(np.prod(s.shape, dtype=np.int64))
                 * np.dtype(layout.storage_dtype(s.dtype)).itemsize
             )
-            _create(
-                group,
+            new.add(
                 path,
                 s.shape,
                 s.dtype,
@@ -238,6 +249,7 @@ def create_state_arrays(
                 codec=meta.recorder["state_codec"],
                 description=f"optimizer state {s.name!r} of {name!r} after step t",
             )
+    new.run(group)
 
 
 class BlockWriter:
