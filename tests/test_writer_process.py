@@ -44,8 +44,7 @@ def _record(path, digits, writer, steps=40, kind="sgd", config=None, on_step=Non
             rec.step(idx, labels=digits.y_train[idx], loss=loss)
             if on_step is not None:
                 on_step(rec, t)
-        stats = rec
-    return model, stats
+    return model, rec, opt
 
 
 def _arrays(path):
@@ -64,25 +63,41 @@ def _arrays(path):
     return out
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "adamw-compact"])
 def test_process_and_thread_writers_store_the_same_bytes(tmp_path, digits, kind):
-    m1, rec1 = _record(tmp_path / "p.zarr", digits, "process", kind=kind)
-    _record(tmp_path / "t.zarr", digits, "thread", kind=kind)
+    cfg = hs.RecorderConfig(keyframe_every=16, steps_per_block=8)
+    if kind == "adamw-compact":  # Δ codes from the trainer, v's log8 codes from the writer
+        cfg = hs.RecorderConfig.compact(keyframe_every=16, steps_per_block=8)
+        kind = "adamw"
+    m1, rec1, opt1 = _record(tmp_path / "p.zarr", digits, "process", kind=kind, config=cfg)
+    _record(tmp_path / "t.zarr", digits, "thread", kind=kind, config=cfg)
+    compact = cfg.profile == "compact"
     assert rec1.stats["writer"] == "process"
     a, b = _arrays(tmp_path / "p.zarr"), _arrays(tmp_path / "t.zarr")
     assert sorted(a) == sorted(b)
-    assert any(k.endswith("delta") for k in a) and "fixes/index" in a
+    assert any(k.endswith("/q" if compact else "delta") for k in a) and "fixes/index" in a
     for k in a:
         if k == "steps/timestamp" or k == "steps/duration":
             continue
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert len(a["fixes/index"]) > 0  # the run needs corrections: the test checks them
+    assert verify(str(tmp_path / "p.zarr")).ok
     store = hs.open_store(tmp_path / "p.zarr")
+    parts = rec1.stats["parts"]
+    if compact:  # v coded in the writer: the same codes as the trainer would make
+        assert parts["log8 coding of v"]["calls"] > 0
+        codes = [k for k in a if k.endswith("exp_avg_sq")]
+        assert codes and all(a[k].dtype == np.uint8 for k in codes)
+        stored = store.optimizer_state(39)
+        for n, p in m1.named_parameters():
+            v = opt1.state[p]["exp_avg_sq"]
+            rel = (stored[n]["exp_avg_sq"] - v).abs() / v.clamp_min(1e-30)
+            # log8: within exp(span / 508) − 1 of v, span = the row's log range (2-6 % here)
+            assert float(rel.max()) < 0.1 and float(rel.median()) < 0.02, n
+        return
+    assert len(a["fixes/index"]) > 0  # the run needs corrections: the test checks them
     replayed = store.params_at(40)
     for n, p in m1.named_parameters():
         assert torch.equal(replayed[n].view(torch.int32), p.detach().view(torch.int32)), n
-    assert verify(str(tmp_path / "p.zarr")).ok
-    parts = rec1.stats["parts"]
     assert parts["deltas"]["bytes"] == 40 * sum(p.numel() * 4 for p in m1.parameters())
     assert parts["exact deltas"]["calls"] == 5
 

@@ -127,6 +127,22 @@ def _log8_positive(
     return out.reshape(v.shape), (r if v.dim() >= 2 else r[0]), rng is None
 
 
+def log8_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored rows of a block's v (``[n, *shape]``): the first step's codes and each later
+    step's code differences from the step before (uint8, wrapping mod 256), and every
+    step's range row (see :func:`log8_encode`). The recorder's writer runs this once per
+    block, off the training thread."""
+    codes_out = torch.empty(v.shape, dtype=torch.uint8)
+    ranges: list[torch.Tensor] = []
+    prev: tuple[torch.Tensor, torch.Tensor] | None = None
+    for r in range(v.shape[0]):
+        codes, rng, intra = log8_encode(v[r], None if prev is None else prev[1])
+        codes_out[r] = codes if intra or prev is None else codes - prev[0]
+        ranges.append(rng)
+        prev = (codes, rng)
+    return codes_out, torch.stack(ranges)
+
+
 def log8_decode(codes: torch.Tensor, rng: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """v from :func:`log8_encode`'s codes (within a factor exp(±(hi − lo)/508) of v)."""
     c = codes.reshape(codes.shape[0], -1) if codes.dim() >= 2 else codes.reshape(1, -1)

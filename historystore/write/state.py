@@ -45,6 +45,11 @@ class StateCapture:
         self.spb = steps_per_block
         self.copier = copier
         self.alloc = alloc  # block rows: shared with a writer process, or pinned on CUDA
+        # on the CPU, LOG8 keys go to the block raw and the writer codes them per block
+        # (encodings.state.log8_rows), off the training thread; on CUDA they are coded on
+        # the device (cheap there) and cross to the host as uint8
+        self.defer_log8 = copier.device.type == "cpu"
+        self._log8: set[str] = set()  # stored names of LOG8 keys
         # per tensor: [(optimizer key, stored name)] of the stored keys, and the key count
         self._keys: list[list[tuple[Any, str]] | None] = [None] * len(params)
         self._count: list[int] = [0] * len(params)
@@ -60,6 +65,7 @@ class StateCapture:
         name = self.names[i]
         values = self._values(state)
         stored = [(k, str(k).replace("/", "_")) for k in values if self.plan.get(str(k)) != DERIVED]
+        self._log8 |= {sname for k, sname in stored if self.plan.get(str(k)) == LOG8}
         specs = self.meta.optim_state.get(name)
         if specs is None:
             specs = []
@@ -114,7 +120,7 @@ class StateCapture:
                     buf = bufs[sname] = self._alloc(i, sname, slot)
                 if not isinstance(v, torch.Tensor):
                     buf[slot] = float(v)
-                elif self.plan.get(str(k)) == LOG8:
+                elif self.plan.get(str(k)) == LOG8 and not self.defer_log8:
                     rname = sname + LOGRANGE
                     rbuf = bufs.get(rname)
                     if rbuf is None:
@@ -135,6 +141,9 @@ class StateCapture:
 
     def _alloc(self, i: int, sname: str, slot: int) -> torch.Tensor:
         spec = next(s for s in self.meta.optim_state[self.names[i]] if s.name == sname)
-        buf = self.alloc((self.spb, *spec.shape), tensors.torch_dtype(spec.dtype))
+        dtype = tensors.torch_dtype(spec.dtype)
+        if self.defer_log8 and sname in self._log8:
+            dtype = self.params[i].dtype  # raw v: the writer stores its codes
+        buf = self.alloc((self.spb, *spec.shape), dtype)
         buf[:slot] = 0  # the rows before a late first state read as zeros
         return buf

@@ -25,8 +25,9 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .. import codecs
+from .. import codecs, tensors
 from ..encodings import get_encoding
+from ..encodings.state import LOGRANGE, log8_rows
 from ..errors import RecorderError
 from ..meta import layout
 from ..meta.commit import Commit
@@ -450,6 +451,9 @@ class BlockWriter:
                     self._put_rows(layout.param_path(t.name, array), t0, data)
             for name, states in block.states.items():
                 for key, data in states.items():
+                    if data.dtype != np.uint8 and _is_log8(block.optim_state, name, key):
+                        data, ranges = self._log8_rows(name, data)
+                        self._put_rows(layout.optim_path(name, key + LOGRANGE), t0, ranges)
                     self._put_rows(layout.optim_path(name, key), t0, data)
             for key, data in block.hparams.items():
                 self._put_rows(layout.hparam_path(key), t0, data)
@@ -487,6 +491,14 @@ class BlockWriter:
         self._count("commit", time.perf_counter() - start)
         self.commit = new
 
+    def _log8_rows(self, name: str, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A LOG8 key's raw v rows (the recorder on the CPU defers its coding to here)."""
+        start = time.perf_counter()
+        v = tensors.from_numpy(data, self._dtypes[name])
+        codes, ranges = log8_rows(v)
+        self._count("log8 coding of v", time.perf_counter() - start)
+        return codes.numpy(), ranges.numpy()
+
     def _exact_deltas(self, block: Block) -> None:
         """Δ rows, corrections and θ fingerprints of the block's lossless tensors."""
         start = time.perf_counter()
@@ -499,6 +511,11 @@ class BlockWriter:
         block.scalars["num_fixes"] = d.counts
         block.fix_tensor, block.fix_index, block.fix_bits = d.tensor, d.index, d.bits
         self._count("exact deltas", time.perf_counter() - start)
+
+
+def _is_log8(optim_state: dict[str, list[Any]] | None, name: str, key: str) -> bool:
+    """Whether state ``key`` of ``name`` is stored as log8 codes (it has a range array)."""
+    return any(s.name == key + LOGRANGE for s in (optim_state or {}).get(name, ()))
 
 
 def _kind(path: str) -> str:
