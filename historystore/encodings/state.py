@@ -106,23 +106,28 @@ def _log8_positive(
     v: torch.Tensor, x: torch.Tensor, rng: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """:func:`log8_encode` when every v > 0 (Adam's v after its first steps): the same
-    arithmetic in the same order, in place on one buffer. Why: each fresh full-size temporary
-    costs a page fault per 4 KiB; on a 2 M-element tensor this takes 15 ms instead of 40."""
+    arithmetic in the same order, in place on one buffer, and the range check on each row's
+    extremes (the codes are monotonic in log v, so a row's smallest and largest codes are
+    those of its extremes). Why: each fresh full-size temporary costs a page fault per
+    4 KiB, and early in training (v growing) most steps start a new range, which the
+    general path finds only after coding every element once: on a 2 M-element tensor this
+    takes 10-18 ms instead of 40-60."""
     lg = x.log()
-    if rng is None:
-        lo, hi = lg.aminmax(dim=1)
-        lo, hi = lo - MARGIN_DOWN, hi + MARGIN_UP
-        r = torch.stack([lo, hi, torch.ones_like(lo)], dim=1)
-    else:
+    lmin, lmax = lg.aminmax(dim=1)
+    if rng is not None:
         r = rng.reshape(-1, 3).clone()
         r[:, 2] = 0
         lo, hi = r[:, 0], r[:, 1]
-    span = torch.where(hi > lo, hi - lo, 1.0)
+        span = torch.where(hi > lo, hi - lo, 1.0)
+        cmin = torch.round((lmin - lo) / span * LEVELS) + 1
+        cmax = torch.round((lmax - lo) / span * LEVELS) + 1
+        if bool(((cmin < 1) | (cmax > LEVELS + 1)).any()):
+            rng = None  # outside the block's range: this step starts a new range
+    if rng is None:
+        lo, hi = lmin - MARGIN_DOWN, lmax + MARGIN_UP
+        r = torch.stack([lo, hi, torch.ones_like(lo)], dim=1)
+        span = torch.where(hi > lo, hi - lo, 1.0)
     codes = lg.sub_(lo[:, None]).div_(span[:, None]).mul_(LEVELS).round_().add_(1)
-    if rng is not None:
-        mn, mx = codes.aminmax()
-        if bool((mn < 1) | (mx > LEVELS + 1)):
-            return log8_encode(v)  # outside the block's range: this step starts a new range
     out = codes.clamp_(1, LEVELS + 1).to(torch.uint8)
     return out.reshape(v.shape), (r if v.dim() >= 2 else r[0]), rng is None
 

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import select
 import signal
 import socket
 import sys
@@ -70,7 +71,9 @@ class SharedRows:
         fd = os.memfd_create("historystore-rows", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
+            # pages populated now, in one go: faulting them in one by one as rows are copied
+            # in would cost the training loop far more
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
             self._send(len(self._segments), fd)
         finally:
             os.close(fd)
@@ -154,6 +157,9 @@ class ProcessWriter:
                 os._exit(code)
         child.close()
         self.pid = pid
+        # one poll object for the per-step check (Connection.poll builds a selector per call)
+        self._poll = select.poll()
+        self._poll.register(self._conn.fileno(), select.POLLIN)
         self.rows = SharedRows(self._send_fd)
         self._alive = True
 
@@ -172,7 +178,7 @@ class ProcessWriter:
         self._pending.append(block.release)
 
     def raise_if_failed(self) -> None:
-        while self._alive and self._conn.poll(0):
+        while self._alive and self._poll.poll(0):
             self._receive()
         if self._error is not None:
             cause = RuntimeError(f"in the writer process:\n{self._trace}")
