@@ -33,6 +33,10 @@ class RecorderConfig:
     chunk_bytes: target size of one chunk (the unit of decoding) inside a shard.
     max_pending_blocks: blocks waiting for the writer before ``rec.step`` blocks (backpressure);
         host memory is bounded by about ``(max_pending_blocks + 2) * block_bytes``.
+    join_blocks: when the writer falls behind, it writes the blocks waiting for it together,
+        under one commit (a block's fixed cost, ~40 small writes and the commit, is then paid
+        once); a kill then loses up to ``max_pending_blocks + 1`` blocks instead of one.
+        False: one commit per block.
     optimizer_state: "every_step" records the optimizer state after every step (needed by
         path-kernel methods); "none" records none.
     codec / state_codec: codec presets (see :mod:`historystore.codecs`) for deltas and for
@@ -56,6 +60,7 @@ class RecorderConfig:
     block_bytes: int = 256 * MiB
     chunk_bytes: int = 8 * MiB
     max_pending_blocks: int = 2
+    join_blocks: bool = True
     optimizer_state: Literal["every_step", "none"] = "every_step"
     codec: str = codecs.DEFAULT_CODEC
     state_codec: str = codecs.DEFAULT_STATE_CODEC

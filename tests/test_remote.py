@@ -217,7 +217,8 @@ def test_a_block_cut_off_mid_write_on_s3_is_invisible_and_resumable(
     torch.manual_seed(0)
     model = DigitsCNN(channels=8, hidden=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    cfg = hs.RecorderConfig(keyframe_every=16, steps_per_block=4)
+    # one commit per block: the cut hits exactly the block that starts at step 8
+    cfg = hs.RecorderConfig(keyframe_every=16, steps_per_block=4, join_blocks=False)
     snaps = []
     with (
         pytest.raises(hs.RecorderError, match="connection reset"),

@@ -174,7 +174,11 @@ def test_writer_errors_reach_the_training_loop(tmp_path, digits, monkeypatch):
     with (
         pytest.raises(hs.RecorderError, match="disk full"),
         hs.Recorder(
-            path, model, opt, hs.RecorderConfig(keyframe_every=8, steps_per_block=4)
+            path,
+            model,
+            opt,
+            # one commit per block: the failure hits exactly the block that starts at step 8
+            hs.RecorderConfig(keyframe_every=8, steps_per_block=4, join_blocks=False),
         ) as rec,
     ):
         for _ in range(40):
@@ -260,9 +264,9 @@ def test_a_commit_is_one_metadata_write(tmp_path, digits, monkeypatch):
     monkeypatch.setattr(local, "_put", put)
     model = DigitsCNN(channels=8, hidden=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = hs.RecorderConfig(keyframe_every=8, steps_per_block=4)
-    # the thread writer: the writes are observed in this process (the writer process runs
-    # the same BlockWriter code)
+    # one commit per block (the counts below), and the thread writer: the writes are observed
+    # in this process (the writer process runs the same BlockWriter code)
+    cfg = hs.RecorderConfig(keyframe_every=8, steps_per_block=4, join_blocks=False)
     with hs.Recorder(tmp_path / "c.zarr", model, opt, cfg, writer="thread") as rec:
         for _ in range(12):
             idx, loss = _train_step(model, opt, digits)

@@ -176,3 +176,33 @@ def test_writer_choice_is_validated(tmp_path):
         pass
     with hs.Recorder("memory://w-auto", model, opt) as rec:  # auto: the thread there
         assert not isinstance(rec._writer, process.ProcessWriter)
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_a_writer_behind_writes_the_waiting_blocks_together(tmp_path, digits, writer, monkeypatch):
+    """Blocks that wait for a slow writer are written under one commit, and the store is the
+    same as one written block by block."""
+    from historystore.write import writer as w
+
+    real = w.BlockWriter.write_many
+
+    def slow(self, blocks):
+        time.sleep(0.3)  # a slow disk: the next blocks queue up meanwhile
+        return real(self, blocks)
+
+    monkeypatch.setattr(w.BlockWriter, "write_many", slow)
+    cfg = hs.RecorderConfig(keyframe_every=16, steps_per_block=4, max_pending_blocks=3)
+    model, rec, _ = _record(tmp_path / "j.zarr", digits, writer, steps=40, config=cfg)
+    joined = rec.stats["parts"].get("blocks written together")
+    assert joined is not None and joined["bytes"] >= 2 * joined["calls"]  # ≥ 2 per batch
+    monkeypatch.undo()
+    one = hs.RecorderConfig(keyframe_every=16, steps_per_block=4, join_blocks=False)
+    _record(tmp_path / "o.zarr", digits, writer, steps=40, config=one)
+    a, b = _arrays(tmp_path / "j.zarr"), _arrays(tmp_path / "o.zarr")
+    for k in a:
+        if k not in ("steps/timestamp", "steps/duration"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert verify(str(tmp_path / "j.zarr")).ok
+    final = hs.open_store(tmp_path / "j.zarr").params_at(40)
+    for n, p in model.named_parameters():
+        assert torch.equal(final[n].view(torch.int32), p.detach().view(torch.int32)), n

@@ -59,7 +59,7 @@ class ExpectedArray:
     rows: int  # committed rows
     chunk_rows: int | None  # rows per (inner) chunk; None: any divisor of the block
     shard_rows: int | None  # rows per shard file, None when not sharded
-    max_rows: int | None = None  # a writer never leaves more (one uncommitted block at most)
+    max_rows: int | None = None  # a writer never leaves more (its last batch of blocks)
 
     @property
     def rows_per_file(self) -> int:
@@ -336,13 +336,17 @@ def check_commit(raw: dict[str, Any], key: str = "commit/zarr.json") -> Commit:
 def expected_arrays(meta: RunMeta, commit: Commit) -> dict[str, ExpectedArray]:
     """Every array the root attributes describe, with its committed rows and chunking."""
     spb = int(meta.recorder["steps_per_block"])
+    # a writer that falls behind writes the blocks waiting for it together, under one commit:
+    # a kill leaves at most max_pending_blocks + 1 blocks beyond the commit
+    joined = meta.recorder.get("join_blocks") is True
+    ahead = spb * (int(meta.recorder.get("max_pending_blocks", 0)) + 1 if joined else 1)
     T, K = commit.num_steps, commit.num_keyframes
     out: dict[str, ExpectedArray] = {}
 
     def add(path: str, shape: tuple[int, ...], dtype: str, rows: int, chunk: int | None,
             shard: int | None = None) -> None:  # fmt: skip
         sd = layout.storage_dtype(dtype)
-        most = None if path in layout.RAGGED else rows + spb + (2 if rows == K else 0)
+        most = None if path in layout.RAGGED else rows + ahead + (2 if rows == K else 0)
         out[path] = ExpectedArray(path, tuple(shape), sd, rows, chunk, shard, most)
 
     n = len(meta.tensors)
@@ -395,8 +399,8 @@ def check_array(raw: dict[str, Any], spec: ExpectedArray, key: str, mem_limit: i
         raise _fail(
             key,
             "shape",
-            f"holds {shape[0]:,} rows but {spec.rows} are committed: a writer leaves at most one "
-            "uncommitted block, so this shape is damaged",
+            f"holds {shape[0]:,} rows but {spec.rows} are committed: a writer leaves at most "
+            "its last batch of blocks uncommitted, so this shape is damaged",
         )
     grid = raw.get("chunk_grid")
     if not (

@@ -38,12 +38,15 @@ class Scratch:
     cost a page fault per 4 KiB on first touch (as much as the arithmetic itself)."""
 
     def __init__(self) -> None:
-        self._bufs: dict[tuple[str, str], torch.Tensor] = {}
+        self._bufs: dict[tuple[str, str, int], torch.Tensor] = {}
 
-    def get(self, name: str, what: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        buf = self._bufs.get((name, what))
+    def get(
+        self, name: str, what: str, like: torch.Tensor, dtype: torch.dtype, tag: int = 0
+    ) -> torch.Tensor:
+        key = (name, what, tag)
+        buf = self._bufs.get(key)
         if buf is None or buf.shape[0] < like.shape[0] or buf.dtype != dtype:
-            buf = self._bufs[(name, what)] = torch.empty(like.shape, dtype=dtype)
+            buf = self._bufs[key] = torch.empty(like.shape, dtype=dtype)
         return buf[: like.shape[0]]
 
 
@@ -52,12 +55,13 @@ def block_deltas(
     order: dict[str, int],
     dtypes: dict[str, str],
     scratch: Scratch | None = None,
+    tag: int = 0,
 ) -> BlockDeltas:
     """Δ rows and corrections of ``thetas`` (tensor name -> ``n + 1`` rows θ_{t0..t0+n}).
 
     ``order`` maps names to their tensor index; corrections are sorted by (step, tensor,
     flat index), the order the reader applies them in. The deltas live in ``scratch``
-    until the next call.
+    until the next call with the same ``tag`` (one per block of a batch being written).
     """
     scratch = scratch or Scratch()
     deltas: dict[str, np.ndarray] = {}
@@ -74,7 +78,7 @@ def block_deltas(
             continue
         int_dtype = tensors.int_view_dtype(theta.dtype)
         cur, prev = theta[1:], theta[:-1]
-        delta = torch.sub(cur, prev, out=scratch.get(name, "delta", cur, cur.dtype))
+        delta = torch.sub(cur, prev, out=scratch.get(name, "delta", cur, cur.dtype, tag))
         recon = torch.add(prev, delta, out=scratch.get(name, "recon", cur, cur.dtype))
         bad = torch.ne(
             recon.view(int_dtype),

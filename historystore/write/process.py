@@ -266,25 +266,38 @@ def _child(conn: connection.Connection, writer: BlockWriter, parent: int) -> Non
         error = None if err is None else (repr(err), "".join(traceback.format_exception(err)))
         conn.send((kind, writer.stats, error))
 
-    writer.run_init()
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        kind, body = msg
-        if kind == "map":
+    def receive() -> tuple[str, Any]:
+        kind, body = conn.recv()
+        if kind == "map":  # a new shared buffer: mapped here once
             fd = reduction.recv_handle(conn)
             try:
                 maps[body] = mmap.mmap(fd, os.fstat(fd).st_size)
             finally:
                 os.close(fd)
-        elif kind == "block":
-            writer.run_block(_unpack(body, maps))
-            report("done")
-        else:  # close
-            report("closed")
+        return kind, body
+
+    writer.run_init()
+    closing = False
+    while not closing:
+        try:
+            kind, body = receive()
+            if kind != "block":
+                closing = kind == "close"
+                continue
+            blocks = [_unpack(body, maps)]
+            while writer.join and conn.poll(0):  # the blocks waiting now: written together
+                kind, body = receive()
+                if kind == "block":
+                    blocks.append(_unpack(body, maps))
+                elif kind == "close":
+                    closing = True
+                    break
+        except (EOFError, OSError):
             return
+        writer.run_blocks(blocks)
+        for _ in blocks:
+            report("done")
+    report("closed")
 
 
 __all__ = ["ProcessWriter", "SharedRows", "supported"]

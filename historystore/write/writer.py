@@ -278,6 +278,7 @@ class BlockWriter:
         self._order = {t.name: i for i, t in enumerate(meta.tensors)}
         self._dtypes = {t.name: t.dtype for t in meta.tensors}
         self._scratch = Scratch()
+        self.join = bool(meta.recorder.get("join_blocks", False))
         self._queue: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._arrays: dict[str, zarr.Array] = {}
@@ -340,28 +341,45 @@ class BlockWriter:
             except BaseException as e:
                 self._error = e
 
-    def run_block(self, block: Block) -> None:
-        """Write one block unless an earlier one failed (then it is dropped)."""
+    def run_blocks(self, blocks: list[Block]) -> None:
+        """Write the blocks that waited (one commit) unless an earlier write failed (then
+        they are dropped)."""
         if self._error is not None:
             return
         try:
             start = time.perf_counter()
-            self.write(block)
+            if len(blocks) == 1:
+                self.write(blocks[0])
+            else:
+                self.write_many(blocks)
+                self._count("blocks written together", nbytes=len(blocks))
             self.seconds_busy += time.perf_counter() - start
         except BaseException as e:
             self._error = e
 
     def _run(self) -> None:
         self.run_init()
-        while True:
+        done = False
+        while not done:
             block = self._queue.get()
             if block is None:
                 return
+            blocks = [block]
+            while self.join:  # the blocks waiting now: written together
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    done = True
+                    break
+                blocks.append(more)
             try:
-                self.run_block(block)
+                self.run_blocks(blocks)
             finally:
-                if block.release is not None:
-                    block.release()
+                for b in blocks:
+                    if b.release is not None:
+                        b.release()
 
     def _array(self, path: str) -> zarr.Array:
         arr = self._arrays.get(path)
@@ -391,13 +409,14 @@ class BlockWriter:
         self._puts = []
 
         async def put_rows(puts: list[tuple[zarr.Array, int, np.ndarray]]) -> None:
-            # puts to one array run in order: two concurrent resizes could shrink it again
-            for arr, start, data in puts:
-                aa = arr._async_array
-                stop = start + data.shape[0]
-                if aa.shape[0] < stop:
-                    await aa.resize((stop, *aa.shape[1:]))
-                await aa.setitem(slice(start, stop), data)
+            # puts to one array run in order (two concurrent resizes could shrink it again),
+            # after one resize to the furthest row
+            aa = puts[0][0]._async_array
+            stop = max(start + data.shape[0] for _, start, data in puts)
+            if aa.shape[0] < stop:
+                await aa.resize((stop, *aa.shape[1:]))
+            for _, start, data in _join(puts):
+                await aa.setitem(slice(start, start + data.shape[0]), data)
 
         async def put_all() -> None:
             await asyncio.gather(*(put_rows(p) for p in by_array.values()))
@@ -435,14 +454,34 @@ class BlockWriter:
 
     def write(self, block: Block) -> None:
         """Write one block's data, then its commit marker (the order matters)."""
+        self.write_many([block])
+
+    def write_many(self, blocks: list[Block]) -> None:
+        """Write consecutive blocks' data, then one commit marker for all of them.
+
+        Why: a block's fixed cost is mostly the small per-step arrays (each a read-modify-write
+        of its last chunk) and the commit; when the writer falls behind, writing the blocks
+        that wait together pays it once (:meth:`_flush` joins their rows per array)."""
         c = self.commit
+        for k, block in enumerate(blocks):
+            c = self._stage(block, c, k)
+        self._flush()  # all data is on disk before the commit marker moves
+        # one metadata write: zarr's ``attrs.update`` writes the JSON once per key, and a kill
+        # between two of those writes would leave a commit that mixes two blocks' counts
+        start = time.perf_counter()
+        self.group["commit"].update_attributes({**c.__dict__, "updated": time.time()})
+        self._count("commit", time.perf_counter() - start)
+        self.commit = c
+
+    def _stage(self, block: Block, c: Commit, k: int) -> Commit:
+        """Queue one block's puts (``k``: its place in the batch); the counts after it."""
         t0, n = block.t0, block.n
         if t0 != c.num_steps:
             raise RecorderError(f"block starts at step {t0} but {c.num_steps} steps are committed")
         if n and block.optim_state is not None:
             self._new_state_arrays(block.optim_state, t0)
         if n and block.thetas:
-            self._exact_deltas(block)
+            self._exact_deltas(block, k)
         if n:
             nonfinite = np.zeros((n, len(self.meta.tensors)), dtype=np.int32)
             for i, t in enumerate(self.meta.tensors):
@@ -475,8 +514,7 @@ class BlockWriter:
             for name, value in kf.buffers.items():
                 self._put_rows(layout.buffer_path(name), row, value[None])
             self._put_rows("keyframe_steps", row, np.array([kf.step], dtype=np.int64))
-        self._flush()  # all data is on disk before the commit marker moves
-        new = Commit(
+        return Commit(
             num_steps=t0 + n,
             num_ids=c.num_ids + (0 if block.ids is None else len(block.ids)),
             num_ghost_ids=c.num_ghost_ids
@@ -484,12 +522,6 @@ class BlockWriter:
             num_fixes=c.num_fixes + (0 if block.fix_index is None else len(block.fix_index)),
             num_keyframes=c.num_keyframes + len(block.keyframes),
         )
-        # one metadata write: zarr's ``attrs.update`` writes the JSON once per key, and a kill
-        # between two of those writes would leave a commit that mixes two blocks' counts
-        start = time.perf_counter()
-        self.group["commit"].update_attributes({**new.__dict__, "updated": time.time()})
-        self._count("commit", time.perf_counter() - start)
-        self.commit = new
 
     def _log8_rows(self, name: str, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A LOG8 key's raw v rows (the recorder on the CPU defers its coding to here)."""
@@ -499,10 +531,11 @@ class BlockWriter:
         self._count("log8 coding of v", time.perf_counter() - start)
         return codes.numpy(), ranges.numpy()
 
-    def _exact_deltas(self, block: Block) -> None:
-        """Δ rows, corrections and θ fingerprints of the block's lossless tensors."""
+    def _exact_deltas(self, block: Block, k: int) -> None:
+        """Δ rows, corrections and θ fingerprints of the block's lossless tensors (``k``: the
+        block's place in the batch, whose deltas stay alive until the batch is written)."""
         start = time.perf_counter()
-        d = block_deltas(block.thetas, self._order, self._dtypes, self._scratch)
+        d = block_deltas(block.thetas, self._order, self._dtypes, self._scratch, k)
         for name, delta in d.deltas.items():
             block.arrays[name] = {"delta": delta}
         assert block.theta_crc is not None
@@ -511,6 +544,25 @@ class BlockWriter:
         block.scalars["num_fixes"] = d.counts
         block.fix_tensor, block.fix_index, block.fix_bits = d.tensor, d.index, d.bits
         self._count("exact deltas", time.perf_counter() - start)
+
+
+#: rows of consecutive puts to one array are joined into one write up to this size (the
+#: small per-step arrays: one read-modify-write of their last chunk instead of one per block)
+JOIN_BYTES = 4 << 20
+
+
+def _join(
+    puts: list[tuple[zarr.Array, int, np.ndarray]],
+) -> list[tuple[zarr.Array, int, np.ndarray]]:
+    out: list[tuple[zarr.Array, int, np.ndarray]] = []
+    for arr, start, data in puts:
+        if out:
+            a0, s0, d0 = out[-1]
+            if s0 + d0.shape[0] == start and d0.nbytes + data.nbytes <= JOIN_BYTES:
+                out[-1] = (a0, s0, np.concatenate([d0, data]))
+                continue
+        out.append((arr, start, data))
+    return out
 
 
 def _is_log8(optim_state: dict[str, list[Any]] | None, name: str, key: str) -> bool:
