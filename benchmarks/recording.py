@@ -84,7 +84,8 @@ Measured:
 ``--scale`` adds an AdamW MLP 2048-4096-4096-1024-10 (29.4 M parameters) on generated data,
 200 steps of batch 64, trained alone and recorded under ``compact`` (lossless would write
 29.4 M x 12 bytes = 353 MB per step, 70 GB in all: more than this machine's disk and time);
-it reports the peak RSS in each quarter of the run (bounded by the writer's queue, so flat),
+it reports the peak memory (``Pss`` of this process and the writer process) in each quarter of
+the run (bounded by the writer's queue, so flat),
 the writer's MB/s, the overhead, and the bytes on disk every 25 steps with a linear fit.
 
 ``--profile`` adds one cProfile'd recorded run per workload (at most 60 steps; profiling only
@@ -466,7 +467,9 @@ def machine_limits(tmp: Path, quick: bool, samples: dict[str, Any]) -> dict[str,
 
 
 class _RSS:
-    """Samples this process's resident memory (``VmRSS``) every 50 ms in a thread."""
+    """Samples the memory of this process and its children (the writer process) every 50 ms
+    in a thread: the sum of their proportional set sizes (``Pss``: pages a forked writer
+    shares with the trainer are counted once)."""
 
     def __init__(self) -> None:
         import threading
@@ -477,11 +480,23 @@ class _RSS:
 
     @staticmethod
     def now() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        pids = [os.getpid()]
+        try:
+            with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+        total = 0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    for line in f:
+                        if line.startswith("Pss:"):
+                            total += int(line.split()[1]) * 1024
+                            break
+            except OSError:
+                continue
+        return total
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):

@@ -27,9 +27,11 @@ class RecorderConfig:
         the ranges between keyframes can be processed independently (dask).
     steps_per_block: steps buffered before the background writer compresses and commits them
         (one shard per array). ``None`` picks the largest divisor of ``keyframe_every`` whose
-        block stays under ``block_bytes``; it must divide ``keyframe_every``. Why 256 MiB:
-        every block costs the writer a fixed ~50-100 ms of zarr work (dozens of arrays), so
-        a 3 M-parameter AdamW model needs several steps per block (64 MiB gave it 1).
+        block stays under ``block_bytes``; it must divide ``keyframe_every``. Why 64 MiB:
+        the writer starts on a block only when it is full, so ``close()`` waits for up to
+        the last two blocks; smaller blocks keep that short and the writer busy while
+        training runs. Each block costs the writer a fixed ~50-100 ms of zarr work (dozens of
+        small arrays), which ``join_blocks`` pays once for all the blocks that wait.
     chunk_bytes: target size of one chunk (the unit of decoding) inside a shard.
     max_pending_blocks: blocks waiting for the writer before ``rec.step`` blocks (backpressure);
         host memory is bounded by about ``(max_pending_blocks + 2) * block_bytes``.
@@ -57,7 +59,7 @@ class RecorderConfig:
 
     keyframe_every: int = 256
     steps_per_block: int | None = None
-    block_bytes: int = 256 * MiB
+    block_bytes: int = 64 * MiB
     chunk_bytes: int = 8 * MiB
     max_pending_blocks: int = 2
     join_blocks: bool = True

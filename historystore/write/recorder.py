@@ -32,11 +32,11 @@ from .transfer import HostCopier
 from .writer import Block, BlockWriter
 
 WRITERS = ("auto", "process", "thread")
-#: "auto" keeps the thread writer for models with more CPU-resident parameter bytes than
-#: this: the forked writer shares the trainer's pages copy-on-write, so every page training
-#: rewrites afterwards is duplicated (up to 2x the trainer's memory), while the GIL the
-#: process avoids matters little when steps are long and spent in kernels
-PROCESS_WRITER_MAX_PARAM_BYTES = 256 * 1024 * 1024
+#: "auto" keeps the thread writer when the trainer holds more private memory than this when
+#: recording starts: the forked writer shares those pages copy-on-write, so each one training
+#: rewrites afterwards (the weights, at least) is duplicated, while the GIL the process avoids
+#: matters little for the large models that hold that much (long steps spent in kernels)
+PROCESS_WRITER_MAX_MEMORY = 1 << 30
 
 IdsLike = torch.Tensor | np.ndarray | Sequence[int]
 
@@ -89,7 +89,8 @@ class Recorder:
     ``writer``: where compression and zarr writes run. "process" forks a writer process
     (Linux, local stores, CPU training: :mod:`.process`), which keeps zarr's Python work off
     the training loop's GIL; "thread" a background thread; "auto" (default) the process
-    where it can run and the model's parameters take under 256 MiB, else the thread.
+    where it can run and the trainer holds under 1 GiB of private memory (the fork shares
+    it copy-on-write), else the thread.
     """
 
     def __init__(
@@ -231,9 +232,8 @@ class Recorder:
         elif self._cuda:
             why = "it does not map CUDA's pinned buffers"
         if why is None or self.writer_kind == "auto":
-            big = sum(p.numel() * p.element_size() for _, p in self._params)
             return why is None and (
-                self.writer_kind == "process" or big <= PROCESS_WRITER_MAX_PARAM_BYTES
+                self.writer_kind == "process" or _private_memory() <= PROCESS_WRITER_MAX_MEMORY
             )
         raise RecorderError(f'writer="process" is not available here: {why}')
 
@@ -634,6 +634,18 @@ class _IOCapture:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def _private_memory() -> int:
+    """This process's anonymous resident memory (what a fork shares copy-on-write)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _cat(parts: list[np.ndarray], dtype: Any = np.int64) -> np.ndarray:
