@@ -1,9 +1,14 @@
 """Write side: ``Recorder`` snapshots every optimizer step into blocks for the writer.
 
+Why so little on the training thread: ``rec.step`` only copies θ_{t+1} and the optimizer
+state into the block's rows (one batched copy each); the deltas, their exact-replay
+corrections and the compact profile's v codes are computed by the writer, once per block.
+
 Its parts live beside it: creating a store or reopening one to resume in :mod:`.open`, the
 exact-replay deltas and corrections in :mod:`.exact`, the optimizer-state layout and capture in
 :mod:`.state`, the keyframe policy in :mod:`.keyframes`, device→host copies in
-:mod:`.transfer`, and the background writer in :mod:`.writer`.
+:mod:`.transfer`, and the background writer in :mod:`.writer` (a thread) or :mod:`.process`
+(a forked process).
 """
 
 from __future__ import annotations
