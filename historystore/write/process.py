@@ -165,8 +165,12 @@ class ProcessWriter:
 
     # -- parent side -------------------------------------------------------------------------
     def _send_fd(self, segment: int, fd: int) -> None:
-        self._conn.send(("map", segment))
-        reduction.send_handle(self._conn, fd, self.pid)
+        try:
+            self._conn.send(("map", segment))
+            reduction.send_handle(self._conn, fd, self.pid)
+        except OSError:
+            self._died()
+            self.raise_if_failed()
 
     def submit(self, block: Block) -> None:
         """Hand a block over; waits while ``max_pending`` blocks are still being written."""
@@ -174,7 +178,11 @@ class ProcessWriter:
         while len(self._pending) > self._max_pending:
             self._receive()
         self.raise_if_failed()
-        self._conn.send(("block", _pack(block, self.rows)))
+        try:
+            self._conn.send(("block", _pack(block, self.rows)))
+        except OSError:  # the writer is gone: say why
+            self._died()
+            self.raise_if_failed()
         self._pending.append(block.release)
 
     def raise_if_failed(self) -> None:
@@ -225,7 +233,8 @@ class ProcessWriter:
         """Write what is queued, stop the process and raise any writer error."""
         if self._alive:
             try:
-                self._conn.send(("close", None))
+                with contextlib.suppress(OSError):  # a dead writer is reported below
+                    self._conn.send(("close", None))
                 while self._alive:
                     try:
                         msg = self._conn.recv()
