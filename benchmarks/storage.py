@@ -3,7 +3,7 @@
 lossless store) of every codec and delta encoding on five recorded runs, beside the machine's
 limits: sequential read (page cache dropped), memcpy, each codec's one-thread speed on real deltas.
 
-    python -m benchmarks.storage           # full, ~7 min: benchmarks/results/storage.{json,md,png}
+    python -m benchmarks.storage           # full, 10-30 min: benchmarks/results/storage.*
     python -m benchmarks.storage --quick   # ~1-2 min, writes to a temp folder (or --out-dir DIR)
 """
 
