@@ -161,7 +161,8 @@ def test_block_state_is_optimizer_state(compact: Run) -> None:
     """read_block/scan(optim=True) serve, bit for bit, what optimizer_state(t) serves (one
     implementation): v decoded, m derived, for whole blocks, blocks read from mid-block (v's
     code differences chained from their block's first step), other scan block lengths, scans
-    that start mid-block or cross a keyframe, with and without θ_t."""
+    that start mid-block or cross a keyframe (where the scan's θ̂_t restarts from the exact
+    keyframe, as params_at's replay does), with and without θ_t."""
     store = hs.open_store(compact.path)
     spb = store.steps_per_block
     assert spb >= 4 and KEYFRAME % spb == 0
@@ -183,7 +184,14 @@ def test_block_state_is_optimizer_state(compact: Run) -> None:
         return block.num_steps
 
     assert sum(check(b) for b in store.scan(optim=True)) == STEPS
-    assert sum(check(b) for b in store.scan(optim=True, params=True, block_steps=5)) == STEPS
+    kf = {KEYFRAME: store.params_at(KEYFRAME), STEPS: store.params_at(STEPS)}
+    for b in store.scan(optim=True, params=True, block_steps=5):
+        check(b)
+        assert b.params is not None
+        for t, theta in kf.items():  # θ̂ restarts from the keyframe there, as params_at does
+            if b.start < t <= b.stop:
+                for n, p in theta.items():
+                    assert torch.equal(b.params[n][t - b.start], p), (t, n)
     assert sum(check(b) for b in store.scan(7, 30, block_steps=3, optim=True, prefetch=0)) == 23
     for a, b in ((5, 13), (spb - 1, spb + 2), (STEPS - 1, STEPS)):
         assert check(store.read_block(a, b, optim=True)) == b - a

@@ -13,9 +13,13 @@ path methods need at a fraction of the bytes:
   only for decoupled weight decay, AdamW), so
   ``m_t = −(Δ_t + lr·wd·θ_t) · (√v_t/√(1−β2^t) + ε) · (1−β1^t) / lr``.
   The reader computes it from the stored Δ_t, θ_t, v_t and the step's recorded
-  hyperparameters (:func:`derive_first_moment`); its error is that of Δ and v together
+  hyperparameters (:func:`derive_first_moments`); its error is that of Δ and v together
   (measured in ``benchmarks.storage`` and tested on a real run);
 * ``step`` and anything else as recorded.
+
+The reader decodes a block of steps at once (:func:`decode_stored`, :func:`with_derived`):
+``HistoryStore.optimizer_state(t)`` is the same code on a block of one step, so the scan
+(``scan(optim=True)``, what TracIn and EPK read) serves exactly what it serves.
 
 Other optimizers keep their state lossless under every profile.
 """
