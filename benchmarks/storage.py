@@ -3,7 +3,7 @@
 lossless store) of every codec and delta encoding on five recorded runs, beside the machine's
 limits: sequential read (page cache dropped), memcpy, each codec's one-thread speed on real deltas.
 
-    python -m benchmarks.storage           # full, ~7 min: benchmarks/results/storage.{json,md,png}
+    python -m benchmarks.storage           # full, 10-30 min: benchmarks/results/storage.*
     python -m benchmarks.storage --quick   # ~1-2 min, writes to a temp folder (or --out-dir DIR)
 """
 
@@ -46,6 +46,8 @@ MB = _machine.MB
 DEFAULT_CODEC = "blosc-zstd1-bitshuffle"
 NUM_TEST = 32
 TOP = 10
+#: test points of the path methods (TracIn, EPK) on the compact settings (the first of NUM_TEST)
+PATH_TEST = 8
 
 DETAILS = """\
 Runs (each a real training run, recorded by :class:`historystore.Recorder`):
@@ -91,6 +93,15 @@ Measured per setting (deltas = the per-step arrays of every parameter tensor):
   bytes per parameter every ``keyframe_every`` steps, apart); m err / v err: median relative
   L2 error of the derived first moment and of the served second moment against the
   optimizer's own state (kept every 10 steps during training); ρ as for every setting.
+  Path methods (the compact profile's state is what they read): TracIn (``batches``, Adam
+  preconditioner from v) and the exact path kernel EPK (``allow_lossy``: θ̂_t replayed from
+  the 6-bit Δ, m derived) on the compact store and on a lossless twin recorded *with*
+  optimizer state (the same training), the first ``PATH_TEST`` (8) test points, each test
+  point's per-example scores over the drawn training examples: Spearman (mean and min over
+  test points) and top-10 overlap (mean) against the twin. EPK with ``max_level=3`` (at most
+  9 quadrature nodes per step; the ranking, not completeness, is compared; the same options
+  on both stores). Only on runs up to ``PATH_MAX_PARAMS`` (200 k) parameters: the digits CNN;
+  ``--no-path`` skips them.
 * machine (``benchmarks/_machine.py``, shared with the other benchmarks): sequential read of
   a large file (page cache dropped), memcpy, one-thread encode/decode speed of the blosc/zstd
   presets on real deltas (plus the default preset with a 256 KiB Blosc block), and the share
@@ -136,7 +147,9 @@ class Setting:
     family: str  # lossless | rounded | svd | factors | projected | compact
     codec: str = DEFAULT_CODEC
     rules: tuple[EncodingRule, ...] = ()
-    profile: str = "lossless"  # "compact": RecorderConfig.compact(), optimizer state recorded
+    # "compact": RecorderConfig.compact(), optimizer state recorded; "state": lossless with
+    # the optimizer state (the path methods' reference)
+    profile: str = "lossless"
 
 
 @dataclass
@@ -369,7 +382,7 @@ def record(
         cfg = hs.RecorderConfig(
             codec=setting.codec,
             encodings=setting.rules,
-            optimizer_state="none",
+            optimizer_state="every_step" if setting.profile == "state" else "none",
             steps_per_block=steps_per_block,
         )
     rec = hs.Recorder(path, model, opt, cfg, run_config={"run": run.name, "setting": setting.name})
@@ -665,6 +678,68 @@ def state_errors(store: hs.HistoryStore, states: dict[int, dict], path: Path) ->
     }
 
 
+#: TracIn as the method's defaults; EPK with panels no narrower than 1/8 of a step (≤ 9 nodes
+#: per step): the ranking against the twin is what is measured, not completeness, and the
+#: default quadrature (rtol 1e-5 on this float32 ReLU CNN) costs ~6 s per step here
+PATH_METHODS: dict[str, dict[str, Any]] = {
+    "tracin": {},
+    "epk": {"allow_lossy": True, "max_level": 3},
+}
+#: the path methods run on the compact settings of runs up to this many parameters (per-example
+#: gradients at every quadrature node: the 4.2 M-parameter MLP would take most of an hour)
+PATH_MAX_PARAMS = 200_000
+
+
+def path_scores(run: Run, data: Data, path: Path, method: str, tmp: Path) -> np.ndarray:
+    """[PATH_TEST, examples] per-example scores of a path method on one store."""
+    import zarr
+
+    from attribution import explain
+
+    scores = tmp / f"{path.stem}-{method}-scores.zarr"
+    res = explain(
+        path,
+        run.make_model(),
+        data.x_test[:PATH_TEST],
+        method=method,
+        train_data=torch.utils.data.TensorDataset(data.x_train, data.y_train),
+        progress=False,
+        scheduler="sync",
+        scores_path=scores,
+        method_options=dict(PATH_METHODS[method]),
+    )
+    rows = np.asarray(zarr.open_group(res.attrs["scores_path"], mode="r")["model"][...])
+    shutil.rmtree(scores, ignore_errors=True)
+    return rows.astype(np.float64)
+
+
+def path_fidelity(
+    run: Run, data: Data, path: Path, tmp: Path, twin: dict[str, Any], ref: Reference
+) -> dict[str, Any]:
+    """TracIn and EPK on the compact store against the lossless twin with state (recorded
+    once per run, into ``twin``): per-test-point Spearman and top-10 overlap of the
+    per-example scores over the drawn examples."""
+    if "rows" not in twin:
+        twin_path = tmp / f"{run.name}-lossless-state.zarr"
+        record(run, data, Setting("lossless-state", "lossless", profile="state"), twin_path,
+               steps_per_block=hs.open_store(ref.path).steps_per_block)  # fmt: skip
+        t0 = time.perf_counter()
+        twin["rows"] = {m: path_scores(run, data, twin_path, m, tmp) for m in PATH_METHODS}
+        twin["seconds"] = time.perf_counter() - t0
+        shutil.rmtree(twin_path, ignore_errors=True)
+    out: dict[str, Any] = {"path_test_points": PATH_TEST, "path_lossless_s": twin["seconds"]}
+    for m in PATH_METHODS:
+        t0 = time.perf_counter()
+        got = path_scores(run, data, path, m, tmp)[:, ref.drawn]
+        out[f"{m}_s"] = time.perf_counter() - t0
+        want = twin["rows"][m][:, ref.drawn]
+        rho = [spearman(want[j], got[j]) for j in range(len(got))]
+        out[f"{m}_spearman"] = float(np.nanmean(rho))
+        out[f"{m}_spearman_min"] = float(np.nanmin(rho))
+        out[f"{m}_top10"] = float(np.mean([top_overlap(want[j], got[j]) for j in range(len(got))]))
+    return out
+
+
 def store_sizes(path: Path) -> dict[str, Any]:
     inf = info(str(path))
     raw = sum(t["bytes_raw"] for t in inf["tensors"])
@@ -682,9 +757,17 @@ def store_sizes(path: Path) -> dict[str, Any]:
 
 
 def evaluate(
-    run: Run, data: Data, setting: Setting, tmp: Path, ref: Reference | None, pr: dict | None
+    run: Run,
+    data: Data,
+    setting: Setting,
+    tmp: Path,
+    ref: Reference | None,
+    pr: dict | None,
+    twin: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Reference, dict[str, Probe]]:
-    """Record one setting and measure it; the first call (``ref=None``) makes the reference."""
+    """Record one setting and measure it; the first call (``ref=None``) makes the reference.
+    ``twin`` (compact settings): the run's path-method reference, filled on first use; None
+    skips the path methods."""
     path = tmp / f"{run.name}-{setting.name}.zarr"
     states: dict[int, dict] = {}
     compact = setting.profile == "compact"
@@ -761,6 +844,8 @@ def evaluate(
     res["attribution_per_layer"] = per_layer
     for key in ("spearman_steps", "top10_steps", "spearman_examples", "top10_examples"):
         res[key] = float(np.nanmean([v[key] for v in per_layer.values()]))
+    if compact and twin is not None and sum(t.numel for t in store.tensors) <= PATH_MAX_PARAMS:
+        res.update(path_fidelity(run, data, path, tmp, twin, ref))
     if not is_ref:
         shutil.rmtree(path, ignore_errors=True)
     return res, ref, pr
@@ -810,6 +895,8 @@ COLUMNS = [
     ("bytes_per_param_step", "B/param/step", "{:.2f}"),
     ("m_err_median", "m err", "{:.1e}"),
     ("v_err_median", "v err", "{:.1e}"),
+    ("tracin_spearman", "ρ TracIn", "{:.4f}"),
+    ("epk_spearman", "ρ EPK", "{:.4f}"),
 ]
 
 
@@ -870,7 +957,11 @@ def markdown(report: dict) -> str:
         "per step, keyframes apart (fp32 θ + both Adam moments: 12; the lossless store with "
         "state: ~9); m err / v err: median relative L2 error of the derived first moment and "
         "of the served second moment against the optimizer's own, every "
-        f"{STATE_SAMPLE_EVERY} steps.",
+        f"{STATE_SAMPLE_EVERY} steps. ρ TracIn / ρ EPK (compact profile only): Spearman of "
+        "the per-example scores of TracIn and of the exact path kernel on the compact store "
+        "against a lossless twin recorded with optimizer state, over the drawn examples, mean "
+        f"over the first {PATH_TEST} test points (min and top-10 overlap in the JSON; EPK "
+        "with max_level=3; runs up to 200 k parameters).",
         "",
         "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|",
@@ -1073,6 +1164,11 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated subset of setting names (the reference, lossless-default, is kept)",
     )
+    ap.add_argument(
+        "--no-path",
+        action="store_true",
+        help="skip TracIn and EPK on the compact settings (and their lossless twin with state)",
+    )
     args = ap.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = _machine.results_dir(args.quick)
@@ -1099,6 +1195,7 @@ def main(argv: list[str] | None = None) -> int:
             train_s, final = train_baseline(run, data)
             ref: Reference | None = None
             pr: dict[str, Probe] | None = None
+            twin: dict[str, Any] | None = None if args.no_path else {}
             n_params = sum(v.numel() for v in final.values())
             run_meta.append(
                 {
@@ -1120,7 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
             for setting in run.settings:
                 t0 = time.perf_counter()
                 first = ref is None
-                res, ref, pr = evaluate(run, data, setting, tmp, ref, pr)
+                res, ref, pr = evaluate(run, data, setting, tmp, ref, pr, twin)
                 if first and not all(torch.equal(final[n], ref.final[n]) for n in final):
                     notes.append(f"{run.name}: the recorded run differs from training alone")
                 res = {"run": run.name, **res}
@@ -1130,7 +1227,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  {setting.name:<22} ratio {res['ratio_deltas']:7.2f}  write "
                     f"{res['write_mbps']:6.0f} MB/s  read {res['read_cold_mbps']:6.0f} MB/s  "
-                    f"ρ_ex {res['spearman_examples']:.3f}  ({time.perf_counter() - t0:.1f} s)",
+                    f"ρ_ex {res['spearman_examples']:.3f}"
+                    + "".join(
+                        f"  ρ_{m} {res[f'{m}_spearman']:.4f} (min {res[f'{m}_spearman_min']:.4f})"
+                        for m in PATH_METHODS
+                        if f"{m}_spearman" in res
+                    )
+                    + f"  ({time.perf_counter() - t0:.1f} s)",
                     flush=True,
                 )
                 if not res["identical_training"]:

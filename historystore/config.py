@@ -46,9 +46,9 @@ class RecorderConfig:
     encodings: rules choosing each tensor's delta encoding, first match wins (default: all
         ``full``, lossless); see :mod:`historystore.encodings.policy`.
     profile: "lossless" (default) keeps every delta and all optimizer state bit for bit.
-        "compact" keeps θ̂_t and Adam's state (as ``optimizer_state`` serves it; the path
-        methods cannot read it from a scan yet) in about 1/10 of the bytes of θ + both
-        moments in float32: deltas as error-fed 6-bit codes with a per-row scale
+        "compact" keeps θ̂_t and Adam's state (as ``optimizer_state`` and ``scan(optim=True)``
+        serve it, which TracIn and EPK read) in about 1/10 of the bytes of θ + both moments
+        in float32: deltas as error-fed 6-bit codes with a per-row scale
         (``quantized``: replay within half a quantum of θ, exact at keyframes) unless a rule
         in ``encodings`` says otherwise, and for Adam/AdamW the second moment as uint8 codes
         of log v and the first moment derived by the reader from Δ, v and the step's

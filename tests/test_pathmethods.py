@@ -370,16 +370,44 @@ def test_adam_epk_without_optimizer_state(digits: Digits, tmp_path: Path) -> Non
         explain(run.path, run.model(), x, method="epk", train_data=run.data(), progress=False)
 
 
-def test_compact_state_refused_not_misread(digits: Digits, tmp_path: Path) -> None:
-    """The compact profile stores Adam's v as uint8 log-code differences and no m: TracIn's
-    preconditioner and EPK refuse it with a clear error (TracIn built its preconditioner from
-    the raw codes before, top-k and step scores 10^4x off, without an error); TracIn without a
-    preconditioner still runs (θ_t from the quantized deltas)."""
-    cfg = hs.RecorderConfig.compact(keyframe_every=8)
-    run = _record(tmp_path / "r.zarr", SmoothMLP, "adamw", digits, torch.float32, 6, config=cfg)
-    x = digits.x_test[:2]
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_compact_profile_path_methods_agree_with_lossless(digits: Digits, tmp_path: Path) -> None:
+    """The compact profile (6-bit Δ, Adam's v as log8 codes, m derived by the reader) serves
+    TracIn and EPK the state as the optimizer held it: on the same AdamW training recorded
+    both ways, each test point's per-example scores (over the ids the run used) rank like
+    the lossless store's, Spearman ≥ 0.99 (measured: min 0.99997 TracIn, 0.99996 EPK). Before,
+    TracIn built its preconditioner from the raw codes (scores 10^4x off, no error)."""
+    runs = {
+        name: _record(tmp_path / f"{name}.zarr", SmoothMLP, "adamw", digits, torch.float32, 24,
+                      config=cfg)
+        for name, cfg in (
+            ("lossless", hs.RecorderConfig(keyframe_every=8, steps_per_block=4)),
+            ("compact", hs.RecorderConfig.compact(keyframe_every=8, steps_per_block=4)),
+        )
+    }  # fmt: skip
+    used = np.unique(torch.cat(runs["lossless"].ids).numpy())
+    x = digits.x_test[:6]
     for method in ("tracin", "epk"):
-        with pytest.raises(OptimizerStateError, match="compact profile"):
+        rows = {
+            name: _explain(run, x, method, tmp_path, allow_lossy=True)[1][:, used]
+            for name, run in runs.items()
+        }
+        assert not np.array_equal(rows["lossless"], rows["compact"])
+        rho = [_spearman(a, b) for a, b in zip(rows["lossless"], rows["compact"], strict=True)]
+        assert min(rho) >= 0.99, (method, rho)
+
+
+def test_compact_profile_without_state_is_refused(digits: Digits, tmp_path: Path) -> None:
+    """A compact store recorded without optimizer state has no v to derive m from."""
+    cfg = hs.RecorderConfig.compact(keyframe_every=8, optimizer_state="none")
+    run = _record(tmp_path / "r.zarr", SmoothMLP, "adamw", digits, torch.float32, 4, config=cfg)
+    x = digits.x_test[:1]
+    for method, key in (("tracin", "exp_avg_sq"), ("epk", "exp_avg")):
+        with pytest.raises(OptimizerStateError, match=key):
             explain(
                 run.path,
                 run.model(),
@@ -389,17 +417,6 @@ def test_compact_state_refused_not_misread(digits: Digits, tmp_path: Path) -> No
                 method_options={"allow_lossy": True},
                 progress=False,
             )
-    res = explain(
-        run.path,
-        run.model(),
-        x,
-        method="tracin",
-        train_data=run.data(),
-        method_options={"preconditioner": "none"},
-        progress=False,
-    )
-    assert np.isfinite(res["model"]["step_scores"]).all()
-    assert np.abs(res["model"]["step_scores"]).sum() > 0
 
 
 def test_lossy_tensor_refused_where_exactness_is_required(digits: Digits, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils.data import TensorDataset
 
+from historystore.encodings import state as optim_state
 from historystore.errors import EncodingError, HistoryStoreError
 from historystore.read.store import HistoryStore, StepBlock, open_store
 
@@ -125,7 +126,8 @@ class UpdateRule:
     nesterov: dict[str, bool]
     decoupled: dict[str, bool]
     state_keys: dict[str, list[str]]  # tensor -> recorded optimizer state keys
-    #: state key -> how the recorder's profile stored it ("log8", "derived", ...; {} = as held)
+    #: state key -> how the recorder's profile stored it ("log8", "derived", ...; {} = as held);
+    #: the scan serves every key as the optimizer held it
     state_plan: dict[str, str] = field(default_factory=dict)
 
     def momentum_of(self, n: str, t: int) -> float:
@@ -172,19 +174,14 @@ def read_rule(store: HistoryStore, names: list[str], what: str) -> UpdateRule:
 def require_state(rule: UpdateRule, keys: list[str], what: str, path: str) -> None:
     """Refuse a store without the state keys a method reads from ``scan(optim=True)``.
 
-    Why the plan too: under the compact profile the scan yields the state as stored (Adam's v
-    as uint8 log-code differences, m not at all), and a preconditioner built from those codes
-    gives wrong scores without any error."""
-    coded = sorted(k for k in keys if k in rule.state_plan)
-    if coded:
-        raise OptimizerStateError(
-            f"{what} needs the optimizer state {coded} as the optimizer held it, but {path} "
-            f"stores it in the compact profile's form ({ {k: rule.state_plan[k] for k in coded} }"
-            "), which the path methods cannot read yet: record with the lossless profile"
-            + (" (or use TracIn with preconditioner='none')" if what.startswith("TracIn") else "")
-        )
+    Under the compact profile the scan serves the state as the optimizer held it (Adam's v
+    decoded from its log codes, m derived from Δ_t, θ_t and v_t), so a key the plan derives
+    counts as present where what it is derived from was stored."""
     for n in rule.names:
-        missing = [k for k in keys if k not in rule.state_keys[n]]
+        have = set(rule.state_keys[n])
+        if optim_state.derives(rule.state_plan, have):
+            have |= {k for k, how in rule.state_plan.items() if how == optim_state.DERIVED}
+        missing = [k for k in keys if k not in have]
         if missing:
             raise OptimizerStateError(
                 f"{what} needs the optimizer state {missing} of {n!r}, but {path} was recorded "

@@ -13,16 +13,20 @@ path methods need at a fraction of the bytes:
   only for decoupled weight decay, AdamW), so
   ``m_t = −(Δ_t + lr·wd·θ_t) · (√v_t/√(1−β2^t) + ε) · (1−β1^t) / lr``.
   The reader computes it from the stored Δ_t, θ_t, v_t and the step's recorded
-  hyperparameters (:func:`derive_first_moment`); its error is that of Δ and v together
+  hyperparameters (:func:`derive_first_moments`); its error is that of Δ and v together
   (measured in ``benchmarks.storage`` and tested on a real run);
 * ``step`` and anything else as recorded.
+
+The reader decodes a block of steps at once (:func:`decode_stored`, :func:`with_derived`):
+``HistoryStore.optimizer_state(t)`` is the same code on a block of one step, so the scan
+(``scan(optim=True)``, what TracIn and EPK read) serves exactly what it serves.
 
 Other optimizers keep their state lossless under every profile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -150,20 +154,41 @@ def log8_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def log8_decode(codes: torch.Tensor, rng: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """v from :func:`log8_encode`'s codes (within a factor exp(±(hi − lo)/508) of v)."""
-    c = codes.reshape(codes.shape[0], -1) if codes.dim() >= 2 else codes.reshape(1, -1)
-    r = rng.reshape(-1, 3).double()
-    lo, hi = r[:, :1], r[:, 1:2]
+    return log8_decode_steps(codes[None], rng[None], dtype)[0]
+
+
+def log8_decode_steps(codes: torch.Tensor, rngs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`log8_decode` of several steps at once: codes ``[steps, *shape]``, their ranges
+    ``[steps, ..., 3]`` (the one implementation; a single step is a block of one)."""
+    s = codes.shape[0]
+    r = rngs.reshape(s, -1, 3).double()
+    c = codes.reshape(s, r.shape[1], -1)
+    lo, hi = r[..., :1], r[..., 1:2]
     v = torch.exp(lo + (c.double() - 1) / LEVELS * (hi - lo))
     return torch.where(c > 0, v, 0.0).reshape(codes.shape).to(dtype)
 
 
+def log8_chain(diffs: torch.Tensor, rngs: torch.Tensor) -> torch.Tensor:
+    """The codes of every row of stored code differences (rows ``[steps, *shape]``, ranges
+    ``[steps, ..., 3]``): each row's codes are the sum (mod 256) of the differences from the
+    last row at or before it whose range is marked ``intra`` (from the first row where there
+    is none, e.g. the zero rows before a state first appears). The rows must therefore start
+    at or before the intra row of the first step wanted (its block's first step at the latest).
+
+    Sums in uint8, which wraps mod 256 as the recorder's differences do: one byte per element
+    and step, no int64 copy of the block."""
+    h = diffs.shape[0]
+    intra = rngs.reshape(h, -1, 3)[:, 0, 2] > 0
+    idx = torch.arange(h, device=diffs.device)
+    first = torch.cummax(torch.where(intra, idx, 0), 0).values
+    c = torch.cumsum(diffs.reshape(h, -1), 0, dtype=torch.uint8)
+    before = torch.cat([torch.zeros_like(c[:1]), c])[first]  # sums of the rows before ``first``
+    return (c - before).reshape(diffs.shape)
+
+
 def log8_codes(diffs: torch.Tensor, rngs: torch.Tensor) -> torch.Tensor:
-    """The codes of the last of ``steps`` rows of stored code differences, summed from the
-    last row whose range is marked ``intra`` (rows ``[steps, *shape]``, ranges
-    ``[steps, ..., 3]``)."""
-    intra = rngs.reshape(rngs.shape[0], -1, 3)[:, 0, 2] > 0
-    first = int(torch.nonzero(intra).max()) if bool(intra.any()) else 0
-    return (diffs[first:].to(torch.int64).sum(0) % 256).to(torch.uint8)
+    """The codes of the last row of stored code differences (see :func:`log8_chain`)."""
+    return log8_chain(diffs, rngs)[-1]
 
 
 def decoupled(optimizer_class: str, static: dict[str, Any]) -> bool:
@@ -180,40 +205,89 @@ def derive_first_moment(
     step: float,
     hparams: dict[str, Any],
 ) -> torch.Tensor:
-    """Adam's m_t from the step it produced (see the module docstring); ``hparams`` holds the
-    group's ``lr``, ``betas`` (β1, β2), ``eps``, ``weight_decay`` and ``decoupled``.
+    """Adam's m_t of one step from the step it produced (see the module docstring);
+    ``hparams`` holds the group's ``lr``, ``betas`` (β1, β2), ``eps``, ``weight_decay`` and
+    ``decoupled``. One step of :func:`derive_first_moments`."""
+    hp = {
+        "lr": [hparams["lr"]],
+        "betas": ([hparams["betas"][0]], [hparams["betas"][1]]),
+        "eps": [hparams["eps"]],
+        "weight_decay": [hparams["weight_decay"]],
+        "decoupled": hparams["decoupled"],
+    }
+    return derive_first_moments(delta[None], theta[None], exp_avg_sq[None], [step], hp)[0]
+
+
+def derive_first_moments(
+    delta: torch.Tensor,
+    theta: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    steps: Sequence[float],
+    hparams: dict[str, Any],
+    *,
+    name: str | None = None,
+    first: int | None = None,
+) -> torch.Tensor:
+    """Adam's m_t of consecutive steps at once (every tensor ``[steps, *shape]``: Δ_t, θ_t and
+    v_t; ``steps`` the optimizer's step count after each). ``hparams`` holds per-step
+    sequences ``lr``, ``betas`` (a pair of sequences), ``eps``, ``weight_decay``, and the
+    group's ``decoupled`` flag; ``name`` and ``first`` (the history step of the first row)
+    only word the error.
 
     A step taken at lr = 0 (a warm-up that starts from zero) moved nothing, so Δ_t carries no
-    trace of m_t: that is an :class:`EncodingError`, not a division by zero."""
-    lr = float(hparams["lr"])
-    if lr == 0.0:
-        raise EncodingError(
-            f"Adam's first moment after its step {step:g} cannot be derived: the step ran at "
-            "lr = 0, so the recorded delta holds no trace of it, and the compact profile does "
-            "not store it (record with the lossless profile to keep it)"
-        )
-    beta1, beta2 = hparams["betas"]
-    bc1 = 1.0 - beta1**step
-    bc2 = 1.0 - beta2**step
+    trace of m_t: that is an :class:`EncodingError`, not a division by zero. A row whose step
+    count is 0 (a parameter the optimizer held no state for yet) gives m = 0."""
+    n = len(steps)
+    lrs = [float(x) for x in hparams["lr"]]
+    coef, root, wdlr = [], [], []
+    for i, (k, lr) in enumerate(zip(steps, lrs, strict=True)):
+        k = float(k)
+        if k == 0.0:  # no state yet: nothing moved, m = 0
+            coef.append(0.0)
+            root.append(1.0)
+            wdlr.append(0.0)
+            continue
+        if lr == 0.0:
+            of = f" of {name!r}" if name is not None else ""
+            at = (
+                f"step {first + i} (the optimizer's step {k:g})"
+                if first is not None
+                else (f"its step {k:g}")
+            )
+            raise EncodingError(
+                f"Adam's first moment{of} after {at} cannot be derived: the step ran at "
+                "lr = 0, so the recorded delta holds no trace of it, and the compact profile does "
+                "not store it (record with the lossless profile to keep it)"
+            )
+        beta1, beta2 = float(hparams["betas"][0][i]), float(hparams["betas"][1][i])
+        coef.append((1.0 - beta1**k) / lr)
+        root.append((1.0 - beta2**k) ** 0.5)
+        wdlr.append(lr * float(hparams["weight_decay"][i]))
+    dev = exp_avg_sq.device
+    shape = (n,) + (1,) * (exp_avg_sq.dim() - 1)
+
+    def col(x: Sequence[float]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.float64, device=dev).reshape(shape)
+
     d = delta.double()
     if hparams["decoupled"]:
-        d = d + lr * float(hparams["weight_decay"]) * theta.double()
-    denom = exp_avg_sq.double().sqrt() / bc2**0.5 + float(hparams["eps"])
-    return (-d * denom * (bc1 / lr)).to(exp_avg_sq.dtype)
+        d = d + col(wdlr) * theta.double()
+    eps = col([float(x) for x in hparams["eps"]])
+    denom = exp_avg_sq.double().sqrt() / col(root) + eps
+    return (-d * denom * col(coef)).to(exp_avg_sq.dtype)
 
 
-def expand(
+def decode_stored(
     stored: dict[str, torch.Tensor],
     plan: dict[str, str],
     dtype: str,
-    adam: Callable[[], dict[str, Any]],
     history: Callable[[str], torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """A tensor's state as the optimizer held it, from what the plan stored.
-
-    ``adam()`` gives ``delta``, ``theta`` and ``hparams`` for :func:`derive_first_moment`
-    (called only when a key is derived: it replays θ_t); ``history(key)`` the rows of a stored
-    key from up to one block before the step through it (LOG8 keys store code differences)."""
+    """A tensor's state after consecutive steps (every key ``[steps, ...]``) as the optimizer
+    held it, except the derived keys (see :func:`with_derived`): narrowed keys in the
+    parameter's ``dtype``, LOG8 keys decoded. ``history(key)`` gives the rows of a stored key
+    from at or before the intra row of the first step (its block's first step at the latest)
+    through the last step, since LOG8 keys store code differences within a block."""
     out = {}
     dt = getattr(torch, dtype)
     for key, value in stored.items():
@@ -222,14 +296,35 @@ def expand(
         if plan.get(key) == BF16:
             value = value.to(dt)
         elif plan.get(key) == LOG8:
-            codes = log8_codes(history(key), history(key + LOGRANGE))
-            value = log8_decode(codes, stored[key + LOGRANGE], dt)
+            codes = log8_chain(history(key), history(key + LOGRANGE))[-value.shape[0] :]
+            value = log8_decode_steps(codes, stored[key + LOGRANGE], dt)
         out[key] = value
-    derived = [k for k, how in plan.items() if how == DERIVED]
-    if derived and "exp_avg_sq" in out and "step" in out:
-        a = adam()
-        m = derive_first_moment(
-            a["delta"], a["theta"], out["exp_avg_sq"], float(out["step"]), a["hparams"]
-        )
-        out = {"step": out["step"], "exp_avg": m, **{k: v for k, v in out.items() if k != "step"}}
     return out
+
+
+def derives(plan: dict[str, str], keys: Iterable[str]) -> bool:
+    """Whether a tensor whose decoded state has ``keys`` gets derived keys (Adam's m)."""
+    keys = set(keys)
+    return any(how == DERIVED for how in plan.values()) and {"exp_avg_sq", "step"} <= keys
+
+
+def with_derived(
+    out: dict[str, torch.Tensor],
+    plan: dict[str, str],
+    adam: Callable[[], dict[str, Any]],
+    *,
+    name: str | None = None,
+    first: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`decode_stored`'s state with Adam's m added (where the plan derives it).
+
+    ``adam()`` gives ``delta`` and ``theta`` (``[steps, *shape]``) and the per-step
+    ``hparams`` of :func:`derive_first_moments` (called only when a key is derived)."""
+    if not derives(plan, out):
+        return out
+    a = adam()
+    steps = out["step"].reshape(out["step"].shape[0], -1)[:, 0].tolist()
+    m = derive_first_moments(
+        a["delta"], a["theta"], out["exp_avg_sq"], steps, a["hparams"], name=name, first=first
+    )
+    return {"step": out["step"], "exp_avg": m, **{k: v for k, v in out.items() if k != "step"}}

@@ -80,12 +80,16 @@ def replay(store: HistoryStore, theta: dict[str, torch.Tensor], start: int, stop
 def params_along(
     store: HistoryStore, block: StepBlock, theta: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """[steps + 1, *shape] θ_t of one block, exactly as :func:`replay` rebuilds them."""
+    """[steps + 1, *shape] θ_t of one block, exactly as :func:`params_at` rebuilds them: a
+    lossy tensor's row at a keyframe step is the keyframe (the recorder's error feedback
+    restarts from it there), as replaying from that keyframe would give."""
     out = {}
     for n, th in theta.items():
         p = torch.empty((block.num_steps + 1, *th.shape), dtype=th.dtype, device=th.device)
         p[0] = th
         out[n] = p
+    lossy = [n for n in out if not store.encodings[n].lossless]
+    kf = {int(k) for k in store.keyframe_steps} if lossy else set()
     off, ften, fidx, fbits = fixes(store, block.start, block.stop)
     for i in range(block.num_steps):
         for n, p in out.items():
@@ -94,6 +98,10 @@ def params_along(
         if hi > lo:
             row = {n: p[i + 1] for n, p in out.items()}
             apply_fixes(row, store.tensor_names, ften[lo:hi], fidx[lo:hi], fbits[lo:hi])
+        if block.start + i + 1 in kf:
+            k = store._keyframe_index(block.start + i + 1)
+            for n, v in store.keyframe(k, lossy).items():
+                out[n][i + 1].copy_(v)
     return out
 
 

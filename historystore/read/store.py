@@ -8,6 +8,7 @@ and the sparse exact-replay corrections, so lossless stores replay bit for bit (
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -279,47 +280,116 @@ class HistoryStore:
         """The optimizer's per-parameter state after step t (0 ≤ t < num_steps).
 
         Under the compact profile the state is served as the optimizer held it: narrowed
-        keys (Adam's ``exp_avg_sq`` in bfloat16) in the parameter's dtype, and derived keys
+        keys (Adam's ``exp_avg_sq``) decoded to the parameter's dtype, and derived keys
         (Adam's ``exp_avg``) computed from Δ_t, θ_t and v_t (see
-        :mod:`historystore.encodings.state`; approximate, its error is measured there)."""
+        :mod:`historystore.encodings.state`; approximate, its error is measured there).
+        The same code as ``read_block(t, t + 1, optim=True)``, one row of it."""
         t = self._check_step(t, self.num_steps - 1)
-        plan: dict[str, str] = self.meta.recorder.get("state_plan", {})
-        t0 = max(0, t - self.steps_per_block + 1)  # the step's block starts at t0 or later
+        names = [n for n in self.tensor_names if n in self.meta.optim_state]
+        states = self._optim_block(names, t, t + 1, torch.device("cpu"))
+        if self._derives(states):
+            theta = self.params_at(t, self._derived_names(states))
+            deltas = {n: self._dense(n, t, t + 1) for n in theta}
+            self._derive(states, t, deltas, {n: th[None] for n, th in theta.items()})
+        return {n: {k: v[0] for k, v in st.items()} for n, st in states.items()}
+
+    # -- optimizer state of a block of steps (one implementation for a step and a block) -----
+    @property
+    def _plan(self) -> dict[str, str]:
+        return dict(self.meta.recorder.get("state_plan", {}))
+
+    def _optim_block(
+        self, names: Sequence[str], start: int, stop: int, device: torch.device
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """The state of ``names`` after steps [start, stop), ``{name: {key: [steps, ...]}}``
+        on ``device``: as stored without a plan; under the compact profile decoded (LOG8 code
+        differences chained from their block's first step, read from before ``start`` when
+        the block begins earlier), with derived keys still absent (see :meth:`_derive`)."""
+        plan = self._plan
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for name, specs in self.meta.optim_state.items():
-            out[name] = {
-                s.name: tensors.from_numpy(
-                    self._read(layout.optim_path(name, s.name), t, t + 1)[0], s.dtype
-                )
-                for s in specs
+        for n in names:
+            if n not in self.meta.optim_state:
+                continue
+            specs = self.meta.optim_state[n]
+            stored = {
+                a.name: tensors.from_numpy(
+                    self._read(layout.optim_path(n, a.name), start, stop), a.dtype
+                ).to(device)
+                for a in specs
             }
             if plan:
-                out[name] = optim_state.expand(
-                    out[name],
-                    plan,
-                    self.meta.tensor(name).dtype,
-                    lambda n=name: self._adam(n, t),
-                    lambda key, n=name: torch.from_numpy(
-                        self._read(layout.optim_path(n, key), t0, t + 1)
-                    ),
+                stored = optim_state.decode_stored(
+                    stored, plan, self.meta.tensor(n).dtype, self._history(n, start, stored)
                 )
+            out[n] = stored
         return out
 
-    def _adam(self, name: str, t: int) -> dict[str, Any]:
-        """What deriving Adam's state of ``name`` after step t needs: Δ_t, θ_t, hparams."""
+    def _history(
+        self, name: str, start: int, stored: dict[str, torch.Tensor]
+    ) -> Any:  # Callable[[str], torch.Tensor]
+        """``history(key)`` for :func:`~historystore.encodings.state.decode_stored`: the rows
+        of ``key`` from the intra row at or before ``start`` (at most a block back) through
+        the rows read. Nothing more is read when ``start``'s own row starts a range (a block
+        read from its first step)."""
+
+        def history(key: str) -> torch.Tensor:
+            base = key.removesuffix(optim_state.LOGRANGE)
+            rng = stored[base + optim_state.LOGRANGE]
+            intra = bool(rng[0].reshape(-1, 3)[0, 2] > 0)
+            h0 = start if intra else max(0, start - self.steps_per_block + 1)
+            if h0 == start:
+                return stored[key]
+            before = torch.from_numpy(self._read(layout.optim_path(name, key), h0, start))
+            return torch.cat([before.to(stored[key].device), stored[key]])
+
+        return history
+
+    def _derives(self, states: dict[str, dict[str, torch.Tensor]]) -> bool:
+        plan = self._plan
+        return any(optim_state.derives(plan, st) for st in states.values())
+
+    def _derived_names(self, states: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        plan = self._plan
+        return [n for n, st in states.items() if optim_state.derives(plan, st)]
+
+    def _derive(
+        self,
+        states: dict[str, dict[str, torch.Tensor]],
+        start: int,
+        deltas: dict[str, torch.Tensor],
+        theta: dict[str, torch.Tensor],
+    ) -> None:
+        """Add the derived keys (Adam's m) to ``states`` of steps [start, start + steps) in
+        place, from Δ_t and θ_t (``[steps, *shape]``; θ may hold one row more)."""
+        plan = self._plan
+        for n, st in states.items():
+            if not optim_state.derives(plan, st):
+                continue
+            s = st["step"].shape[0]
+            states[n] = optim_state.with_derived(
+                st,
+                plan,
+                lambda n=n, s=s: {
+                    "delta": deltas[n][:s],
+                    "theta": theta[n][:s],
+                    "hparams": self._adam_hparams(n, start, start + s),
+                },
+                name=n,
+                first=start,
+            )
+
+    def _adam_hparams(self, name: str, start: int, stop: int) -> dict[str, Any]:
+        """Per-step Adam hyperparameters of ``name``'s group for steps [start, stop)."""
         g = self._group_of[name]
-        hp = {k: float(v[t]) for k, v in self._hparams.items() if k.startswith(f"g{g}.")}
-        static = self.meta.optimizer["static"][g]
+        hp = self._hparams
         return {
-            "delta": self._dense(name, t, t + 1)[0],
-            "theta": self.params_at(t, [name])[name],
-            "hparams": {
-                "lr": hp[f"g{g}.lr"],
-                "betas": (hp[f"g{g}.betas.0"], hp[f"g{g}.betas.1"]),
-                "eps": hp[f"g{g}.eps"],
-                "weight_decay": hp[f"g{g}.weight_decay"],
-                "decoupled": optim_state.decoupled(self.meta.optimizer["class"], static),
-            },
+            "lr": hp[f"g{g}.lr"][start:stop],
+            "betas": (hp[f"g{g}.betas.0"][start:stop], hp[f"g{g}.betas.1"][start:stop]),
+            "eps": hp[f"g{g}.eps"][start:stop],
+            "weight_decay": hp[f"g{g}.weight_decay"][start:stop],
+            "decoupled": optim_state.decoupled(
+                self.meta.optimizer["class"], self.meta.optimizer["static"][g]
+            ),
         }
 
     def batch(self, t: int) -> Batch:
@@ -382,7 +452,43 @@ class HistoryStore:
         optim: bool = False,
     ) -> StepBlock:
         """Read and decode steps [start, stop) of the chosen tensors (``optim``: and their
-        recorded optimizer state)."""
+        optimizer state after each step, as :meth:`optimizer_state` serves it: under the
+        compact profile decoded, Adam's m derived from θ_t, which this rebuilds from the
+        keyframe ≤ start; :meth:`scan` carries θ from block to block instead)."""
+        block = self._read_block(start, stop, names, device, dense, raw, optim)
+        if block.optim and self._derives(block.optim):
+            deltas = self._block_deltas(block, self._derived_names(block.optim))
+            dev = block_device(block) if block.deltas else tensors.auto_device(device)
+            theta = self.params_at(start, list(deltas), dev)
+            rows = _replay.params_along(self, dataclasses.replace(block, deltas=deltas), theta)
+            self._derive(block.optim, start, deltas, rows)
+        return block
+
+    def _block_deltas(self, block: StepBlock, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Dense deltas of ``names`` in ``block`` (decoded from its raw arrays if the block
+        was read without ``dense``)."""
+        out = {}
+        for n in names:
+            if n in block.deltas:
+                out[n] = block.deltas[n]
+            else:
+                assert block.raw is not None
+                self.encodings[n].require("dense")
+                out[n] = self.encodings[n].decode_block(block.raw[n])
+        return out
+
+    def _read_block(
+        self,
+        start: int,
+        stop: int,
+        names: Sequence[str] | None,
+        device: str | torch.device | None,
+        dense: bool,
+        raw: bool,
+        optim: bool,
+    ) -> StepBlock:
+        """:meth:`read_block` without the derived optimizer state (the scan adds it once it
+        has θ_t)."""
         names = self._names(names)
         dev = tensors.auto_device(device)
         ids, labels, offsets = self.batches(start, stop)
@@ -397,18 +503,7 @@ class HistoryStore:
             if dense:
                 deltas[n] = self.encodings[n].decode_block(arrays)
         lr = {n: self.lr(n)[start:stop] for n in names}
-        states = None
-        if optim:
-            states = {
-                n: {
-                    a.name: tensors.from_numpy(
-                        self._read(layout.optim_path(n, a.name), start, stop), a.dtype
-                    ).to(dev)
-                    for a in self.meta.optim_state[n]
-                }
-                for n in names
-                if n in self.meta.optim_state
-            }
+        states = self._optim_block(names, start, stop, torch.device(dev)) if optim else None
         return StepBlock(
             start,
             stop,
@@ -443,17 +538,30 @@ class HistoryStore:
         ``params``: each block also carries θ_t of its steps (``block.params``), rebuilt from
         θ_start (read once, replayed from the keyframe ≤ start) plus the decoded deltas and the
         exact-replay fixes, so methods that need θ_t along the path read nothing twice.
-        ``optim``: each block also carries the recorded optimizer state (``block.optim``)."""
+        ``optim``: each block also carries the optimizer state after each of its steps
+        (``block.optim``), as :meth:`optimizer_state` serves it (under the compact profile
+        decoded, Adam's m derived from the same θ_t)."""
         blocks = self._scan(start, stop, names, block_steps, device, prefetch, dense, raw, optim)
-        if not params:
-            yield from blocks
-            return
         theta: dict[str, torch.Tensor] | None = None
         for block in blocks:
+            derive = bool(block.optim) and self._derives(block.optim)  # type: ignore[arg-type]
+            if not params and not derive:
+                yield block
+                continue
+            deltas = self._block_deltas(block, list(block.deltas) if params else [])
+            if derive:
+                assert block.optim is not None
+                deltas.update(self._block_deltas(block, self._derived_names(block.optim)))
+            src = dataclasses.replace(block, deltas=deltas)
             if theta is None:
-                theta = self.params_at(block.start, list(block.deltas), block_device(block))
-            block.params = _replay.params_along(self, block, theta)
-            theta = {n: p[-1].clone() for n, p in block.params.items()}
+                theta = self.params_at(block.start, list(deltas), block_device(src))
+            rows = _replay.params_along(self, src, theta)
+            if derive:
+                assert block.optim is not None
+                self._derive(block.optim, block.start, deltas, rows)
+            if params:
+                block.params = rows
+            theta = {n: p[-1].clone() for n, p in rows.items()}
             yield block
 
     def _scan(
@@ -471,13 +579,13 @@ class HistoryStore:
         ranges = self.block_ranges(start, stop, block_steps)
         if prefetch < 1:
             for a, b in ranges:
-                yield self.read_block(a, b, names, device, dense, raw, optim)
+                yield self._read_block(a, b, names, device, dense, raw, optim)
             return
         with ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="historystore-scan") as ex:
             pending: list[Future[StepBlock]] = []
             it = iter(ranges)
             for a, b in it:
-                pending.append(ex.submit(self.read_block, a, b, names, device, dense, raw, optim))
+                pending.append(ex.submit(self._read_block, a, b, names, device, dense, raw, optim))
                 if len(pending) > prefetch:
                     break
             while pending:
@@ -485,7 +593,9 @@ class HistoryStore:
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append(
-                        ex.submit(self.read_block, nxt[0], nxt[1], names, device, dense, raw, optim)
+                        ex.submit(
+                            self._read_block, nxt[0], nxt[1], names, device, dense, raw, optim
+                        )
                     )
                 yield fut.result()
 

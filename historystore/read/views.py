@@ -87,6 +87,7 @@ def to_xarray(store: HistoryStore, names: list[str] | None = None) -> xarray.Dat
         attrs["state_plan"] = (
             f"optimizer state stored in the compact profile's form {plan}: log8 keys are uint8 "
             "code differences (codes at a range's first step; <key>_logrange holds the range), "
-            "derived keys are absent; HistoryStore.optimizer_state(t) serves the values"
+            "derived keys are absent; HistoryStore.optimizer_state(t) and scan(optim=True) serve "
+            "the values"
         )
     return xr.Dataset(data, coords=coords, attrs=attrs)
