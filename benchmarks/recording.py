@@ -50,7 +50,8 @@ Workloads (CPU, deterministic, seeded; the same batches with and without the rec
 * ``mlp-adamw``  an MLP 512-2048-1024-10 (3.2 M parameters) on generated data (Gaussian inputs
   labelled by a random teacher network), AdamW lr 1e-3, 150 steps of batch 64
 
-Configs: ``default`` = ``RecorderConfig()`` (optimizer state every step), ``no-state`` =
+Configs: ``default`` = ``RecorderConfig()`` (optimizer state every step; the writer process),
+``default-thread`` = the same with ``Recorder(..., writer="thread")``, ``no-state`` =
 ``RecorderConfig(optimizer_state="none")``, ``compact`` = ``RecorderConfig.compact()`` (6-bit
 error-fed deltas, Adam's v as log8 codes, m derived on read; state recorded). Each workload
 runs training alone ("train") and under each config, interleaved (train, default, no-state,
@@ -95,7 +96,7 @@ The report also gives the load average and the share of a core one busy thread g
 and the end (``_machine.cpu_share``): on a shared machine every time above is inflated by it.
 
 Torch uses ``--threads`` threads (default 1): on a small shared machine more OpenMP threads
-than free cores make the timings meaningless; the recorder's writer thread runs beside them.
+than free cores make the timings meaningless; the recorder's writer runs beside them.
 
 --quick sizes every workload down (< 1 minute) and writes to a temporary folder unless --out is
 given, so that the committed results stay as they are.
@@ -103,9 +104,12 @@ given, so that the committed results stay as they are.
 
 CONFIGS: dict[str, hs.RecorderConfig] = {
     "default": hs.RecorderConfig(),
+    "default-thread": hs.RecorderConfig(),
     "no-state": hs.RecorderConfig(optimizer_state="none"),
     "compact": hs.RecorderConfig.compact(),
 }
+#: the writer each config runs with (Recorder's ``writer=``); "auto" where not named
+WRITER = {"default-thread": "thread"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,6 +228,7 @@ def run_once(
     config: hs.RecorderConfig | None,
     path: Path | None,
     profiler: cProfile.Profile | None = None,
+    writer: str = "auto",
 ) -> dict[str, Any]:
     """Train ``w`` once, recorded into ``path`` under ``config`` (or not at all)."""
     batches = w.batches()
@@ -236,7 +241,7 @@ def run_once(
     cpu0, t_start = _cpu(), time.perf_counter()
     if config is not None:
         assert path is not None
-        rec = hs.Recorder(path, model, opt, config, overwrite=True)
+        rec = hs.Recorder(path, model, opt, config, overwrite=True, writer=writer)
         t0 = time.perf_counter()
         rec.__enter__()
         out["enter_s"] = time.perf_counter() - t0
@@ -371,7 +376,7 @@ def bench_workload(
         runs["train"].append(run_once(w, None, None))
         for cname, cfg in CONFIGS.items():
             path = tmp / f"{w.name}-{cname}.zarr"
-            runs[cname].append(run_once(w, cfg, path))
+            runs[cname].append(run_once(w, cfg, path, writer=WRITER.get(cname, "auto")))
             if r == 0:
                 sizes[cname] = store_sizes(path)
                 if cname == "default":
