@@ -217,6 +217,11 @@ def _fingerprint(model: nn.Module) -> int:
     return crc
 
 
+def _committed(path: Path) -> int:
+    """Steps the store's commit record holds (the writer may be another process)."""
+    return int(json.loads((path / "commit" / "zarr.json").read_text())["attributes"]["num_steps"])
+
+
 def _cpu() -> float:
     """CPU seconds of this process and of its reaped children (the writer process)."""
     t = os.times()
@@ -554,7 +559,7 @@ def bench_scale(tmp: Path, quick: bool, log: Callable[[str], None]) -> dict[str,
                     step_s += time.perf_counter() - t0
                     if (t + 1) % every == 0:
                         assert path is not None
-                        disk.append((writer.commit.num_steps, _machine.du(path)))
+                        disk.append((_committed(path), _machine.du(path)))
                 marks.append(time.perf_counter())
             if rec is not None:
                 rec.close()
@@ -610,7 +615,8 @@ def scale_table(sc: dict[str, Any]) -> str:
         f"train {t['wall_s']:.1f} s, recorded {r['wall_s']:.1f} s (x{sc['overhead_wall']:.2f}), "
         f"rec.step {1e3 * r['rec_step_s'] / sc['steps']:.1f} ms/step; writer "
         f"{r['writer_mbps']:.0f} MB/s busy, {r['raw_per_wall_mbps']:.0f} MB/s of the run; "
-        f"peak RSS per quarter of the run {q} MB (training alone {qt} MB); disk "
+        f"peak memory (Pss, trainer + writer process) per quarter of the run {q} MB "
+        f"(training alone {qt} MB); disk "
         f"{r.get('disk_bytes_per_step', math.nan) / MB:.1f} MB/step = "
         f"{r.get('disk_bytes_per_param_step', math.nan):.2f} B/param/step, linear fit R² "
         f"{r.get('disk_linear_r2', math.nan):.4f}, {r['disk_bytes_final'] / MB:.0f} MB in all"
