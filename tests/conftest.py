@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ class Run:
     labels: list[torch.Tensor]
     losses: list[float]
     lrs: list[float]
+    stats: dict = field(default_factory=dict)  # Recorder.stats after close
 
 
 def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -43,6 +45,8 @@ def record_run(
     seed: int = 0,
     scheduler: bool = False,
     last_batch: int | None = None,
+    writer: str = "auto",
+    on_step: Callable[[hs.Recorder, int], None] | None = None,
 ) -> Run:
     torch.manual_seed(seed)
     model = DigitsCNN(channels=8, hidden=32)
@@ -56,7 +60,12 @@ def record_run(
         zip(map(id, model.parameters()), (n for n, _ in model.named_parameters()), strict=True)
     )
     with hs.Recorder(
-        path, model, opt, config or hs.RecorderConfig(keyframe_every=32), run_config={"kind": kind}
+        path,
+        model,
+        opt,
+        config or hs.RecorderConfig(keyframe_every=32),
+        run_config={"kind": kind},
+        writer=writer,
     ) as rec:
         for t in range(steps):
             b = last_batch if (last_batch and t == steps - 1) else batch
@@ -67,6 +76,8 @@ def record_run(
             opt.step()
             run.lrs.append(opt.param_groups[0]["lr"])
             rec.step(idx, labels=data.y_train[idx], loss=loss)
+            if on_step is not None:
+                on_step(rec, t)
             if sched is not None:
                 sched.step()
             run.snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -80,6 +91,7 @@ def record_run(
                     }
                     for p, s in opt.state.items()
                 }
+    run.stats = rec.stats
     return run
 
 

@@ -236,12 +236,7 @@ class ProcessWriter:
                 with contextlib.suppress(OSError):  # a dead writer is reported below
                     self._conn.send(("close", None))
                 while self._alive:
-                    try:
-                        msg = self._conn.recv()
-                    except (EOFError, OSError):
-                        self._died()
-                        break
-                    self._handle(msg)
+                    self._receive()
             finally:
                 self._conn.close()
         self.raise_if_failed()
