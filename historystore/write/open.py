@@ -2,8 +2,9 @@
 
 A new store gets its run metadata (tensors with their resolved encodings and chunking, buffers,
 optimizer groups and hyperparameter keys, the recorder's config); its arrays are created later
-by the writer thread, so training starts meanwhile. Resuming checks that the model and optimizer
-are the ones recorded and that the weights are the store's last θ, before a step is appended.
+by the writer (thread or process), so training starts meanwhile. Resuming checks that the model
+and optimizer are the ones recorded and that the weights are the store's last θ, before a step
+is appended.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def create_new(
     )
     group = layout.open_group(path, "w", storage_options)
     group.update_attributes({layout.ATTR_KEY: meta.to_json()})
-    # the arrays are created by the writer thread before its first block (~40 zarr.json
+    # the arrays are created by the writer before its first block (~40 zarr.json
     # writes, 0.1-0.2 s): training starts meanwhile
     return OpenedStore(
         meta, group, Commit(), buffers, init_layout=lambda: create_layout(group, meta, spb)

@@ -270,7 +270,7 @@ class BlockWriter:
         *,
         thread: bool = True,
     ) -> None:
-        """``init`` runs first in the writer thread (creating a new store's arrays)."""
+        """``init`` runs first in the writer (creating a new store's arrays)."""
         self.group = group
         self._init = init
         self.meta = meta
