@@ -64,6 +64,7 @@ class SharedRows:
     def __init__(self, send: Callable[[int, int], None]) -> None:
         self._send = send  # (segment id, fd) -> the child maps it
         self._segments: list[tuple[int, int, mmap.mmap]] = []  # (start address, size, map)
+        self._by_start: dict[int, int] = {}  # start address -> segment (block rows start there)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -78,6 +79,7 @@ class SharedRows:
         finally:
             os.close(fd)
         flat = torch.frombuffer(mm, dtype=torch.uint8)
+        self._by_start[flat.data_ptr()] = len(self._segments)
         self._segments.append((flat.data_ptr(), size, mm))
         return flat[: int(np.prod(shape, dtype=np.int64)) * itemsize].view(dtype).view(shape)
 
@@ -86,6 +88,9 @@ class SharedRows:
         if not a.flags.c_contiguous or a.nbytes == 0:
             return None
         addr = a.__array_interface__["data"][0]
+        k = self._by_start.get(addr)
+        if k is not None and a.nbytes <= self._segments[k][1]:
+            return _Ref(k, 0, tuple(a.shape), a.dtype.str)
         for k, (start, size, _) in enumerate(self._segments):
             if start <= addr and addr + a.nbytes <= start + size:
                 return _Ref(k, addr - start, tuple(a.shape), a.dtype.str)
