@@ -138,9 +138,9 @@ def create_new(
             for a in enc.arrays().values()
         )
         step_bytes += nbytes
-        if cfg.optimizer_state == "every_step":  # Adam-like: two state tensors, or raw v
-            # (the compact plan's v is coded by the writer on the CPU, on the device on CUDA)
-            step_bytes += p.numel() * p.element_size() * (1 if plan else 2)
+        if cfg.optimizer_state == "every_step":  # Adam-like: two state tensors, or v codes
+            # (as stored: a small model's writer process gets raw v, 4x that, in its blocks)
+            step_bytes += p.numel() if plan else 2 * p.numel() * p.element_size()
         infos.append(
             TensorInfo(
                 name=n,

@@ -42,6 +42,9 @@ WRITERS = ("auto", "process", "thread")
 #: rewrites afterwards (the weights, at least) is duplicated, while the GIL the process avoids
 #: matters little for the large models that hold that much (long steps spent in kernels)
 PROCESS_WRITER_MAX_MEMORY = 1 << 30
+#: and for models with more parameter bytes than this (their steps are long and spent in
+#: kernels; their blocks, in shared memory, would hold raw optimizer state)
+PROCESS_WRITER_MAX_PARAM_BYTES = 64 << 20
 
 IdsLike = torch.Tensor | np.ndarray | Sequence[int]
 
@@ -94,8 +97,9 @@ class Recorder:
     ``writer``: where compression and zarr writes run. "process" forks a writer process
     (Linux, local stores, CPU training: :mod:`.process`), which keeps zarr's Python work off
     the training loop's GIL; "thread" a background thread; "auto" (default) the process
-    where it can run and the trainer holds under 1 GiB of private memory (the fork shares
-    it copy-on-write), else the thread.
+    where it can run, the trainer holds under 1 GiB of private memory (the fork shares it
+    copy-on-write) and the parameters under 64 MiB (small models, where the GIL matters),
+    else the thread.
     """
 
     def __init__(
@@ -216,6 +220,9 @@ class Recorder:
             self._empty,
         )
         self._writer = self._start_writer()
+        # v codes: made by a writer process (off the GIL), else on the training side (device
+        # or thread: the block then holds 1-byte codes, not raw v)
+        self._state.defer_log8 = self._rows is not None
         # blocks alive at once: the queued ones, the one being written, the one being filled
         self._pool = _BufferPool(self._alloc_block, self.meta.recorder["max_pending_blocks"] + 2)
         self._hook = self.optimizer.register_step_post_hook(self._on_optimizer_step)
@@ -237,9 +244,12 @@ class Recorder:
         elif self._cuda:
             why = "it does not map CUDA's pinned buffers"
         if why is None or self.writer_kind == "auto":
-            return why is None and (
-                self.writer_kind == "process" or _private_memory() <= PROCESS_WRITER_MAX_MEMORY
+            small = (
+                _private_memory() <= PROCESS_WRITER_MAX_MEMORY
+                and sum(p.numel() * p.element_size() for _, p in self._params)
+                <= PROCESS_WRITER_MAX_PARAM_BYTES
             )
+            return why is None and (self.writer_kind == "process" or small)
         raise RecorderError(f'writer="process" is not available here: {why}')
 
     def _start_writer(self) -> BlockWriter | process.ProcessWriter:

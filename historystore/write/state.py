@@ -45,10 +45,10 @@ class StateCapture:
         self.spb = steps_per_block
         self.copier = copier
         self.alloc = alloc  # block rows: shared with a writer process, or pinned on CUDA
-        # on the CPU, LOG8 keys go to the block raw and the writer codes them per block
-        # (encodings.state.log8_rows), off the training thread; on CUDA they are coded on
-        # the device (cheap there) and cross to the host as uint8
-        self.defer_log8 = copier.device.type == "cpu"
+        # with a writer process, LOG8 keys go to the block raw and the writer codes them per
+        # block (encodings.state.log8_rows), off the training thread; otherwise they are coded
+        # here (on CUDA on the device) and the block holds uint8 codes. The recorder sets it.
+        self.defer_log8 = False
         self._log8: set[str] = set()  # stored names of LOG8 keys
         # per tensor: [(optimizer key, stored name)] of the stored keys, and the key count
         self._keys: list[list[tuple[Any, str]] | None] = [None] * len(params)
