@@ -220,9 +220,11 @@ class Recorder:
             self._empty,
         )
         self._writer = self._start_writer()
-        # v codes: made by a writer process (off the GIL), else on the training side (device
-        # or thread: the block then holds 1-byte codes, not raw v)
-        self._state.defer_log8 = self._rows is not None
+        # v codes: made by a writer process (off the GIL) when the block can hold raw v within
+        # block_bytes, else on the training side (the block then holds 1-byte codes)
+        self._state.defer_log8 = self._rows is not None and self._raw_block_bytes() <= int(
+            self.meta.recorder["block_bytes"]
+        )
         # blocks alive at once: the queued ones, the one being written, the one being filled
         self._pool = _BufferPool(self._alloc_block, self.meta.recorder["max_pending_blocks"] + 2)
         self._hook = self.optimizer.register_step_post_hook(self._on_optimizer_step)
@@ -264,6 +266,19 @@ class Recorder:
         return BlockWriter(
             self._group, self.meta, self._commit, max_pending, init=self._init_layout
         )
+
+    def _raw_block_bytes(self) -> int:
+        """A block's bytes with the compact plan's v raw (rows of θ or codes, and v)."""
+        rows = 0
+        for enc, (_, p) in zip(self._encs, self._params, strict=True):
+            rows += sum(
+                int(np.prod(a.shape, dtype=np.int64))
+                * torch.empty(0, dtype=tensors.torch_dtype(a.dtype)).element_size()
+                for a in enc.arrays().values()
+            )
+            if self.meta.recorder.get("state_plan"):
+                rows += p.numel() * p.element_size()
+        return self.steps_per_block * rows
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A block buffer: shared with the writer process, pinned on CUDA, else plain."""
