@@ -63,7 +63,10 @@ Measured:
   writer's compression included) of the whole loop; for recorded runs ``Recorder.__enter__``
   through ``close()``. overhead = recorded / train (medians); "x loop" = the loop up to its
   last ``rec.step`` / train: recording's cost while training runs, without the one-off wait in
-  ``close()`` for the writer to finish the last block. ``rec.step`` = seconds inside
+  ``close()`` for the writer to finish the last block; "x steady" = the same without
+  ``__enter__`` either (forking the writer, allocating the block rows): the overhead per step
+  of a run long enough that the one-off costs (``fixed_s`` = enter + close) vanish, valid when
+  the writer keeps up (a short close). ``rec.step`` = seconds inside
   ``rec.step`` over the run, of which ``flush`` is the time of the block-boundary flushes
   (building the block, checksums of lossy θ̂) and ``wait`` the time the loop was blocked
   handing blocks to the writer (backpressure); ``close`` = the time ``close()`` waited for the
@@ -437,6 +440,10 @@ def bench_workload(
         m["overhead_wall"] = m["wall_s"] / train_wall
         m["overhead_loop"] = m["loop_s"] / train_wall
         m["overhead_cpu"] = m["cpu_s"] / train_cpu
+        # per step while training runs, without the one-off costs (enter, the wait at close):
+        # what a long run pays; valid while the writer keeps up (close stays short)
+        m["overhead_steady"] = (m["loop_s"] - m["enter_s"]) / train_wall
+        m["fixed_s"] = m["enter_s"] + m["close_s"]
         m["paired_overhead_wall"] = [
             r["wall_s"] / t["wall_s"] for r, t in zip(rs, runs["train"], strict=True)
         ]
@@ -631,6 +638,7 @@ TIME_COLUMNS = [  # (header, key of the per-config dict, format, divisor)
     ("rec s", "wall_s", "{:.2f}", None),
     ("x wall", "overhead_wall", "{:.2f}", None),
     ("x loop", "overhead_loop", "{:.2f}", None),
+    ("x steady", "overhead_steady", "{:.2f}", None),
     ("x cpu", "overhead_cpu", "{:.2f}", None),
     ("enter s", "enter_s", "{:.2f}", None),
     ("rec.step s", "step_s", "{:.2f}", None),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,31 @@ def test_restore_then_resume_continues_the_run_exactly(tmp_path, digits) -> None
     for n, v in full.snapshots[-1].items():
         assert torch.equal(bits(final[n]), bits(v)), n
     assert verify(str(part)).ok
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_state_capture_follows_replaced_state_tensors(tmp_path, digits, kind) -> None:
+    """The recorder repeats a step's state copies while the optimizer keeps its tensors;
+    state replaced mid-run (``load_state_dict`` makes new tensors) is captured from then on,
+    and each step's stored state is the optimizer's, bit for bit."""
+    seen: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    names: dict[int, str] = {}
+
+    def on_step(rec: hs.Recorder, t: int) -> None:
+        opt = rec.optimizer
+        if not names:
+            names.update({id(p): n for n, p in rec.model.named_parameters()})
+        if t in (9, 20):  # new state tensors (same values), as after a checkpoint reload
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        seen[t] = {
+            names[id(p)]: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+            for p, s in opt.state.items()
+        }
+
+    run = record_run(tmp_path / "s.zarr", kind, 30, digits, on_step=on_step)
+    store = hs.open_store(run.path)
+    for t in (8, 9, 10, 11, 19, 20, 21, 29):
+        got = store.optimizer_state(t)
+        for name, st in seen[t].items():
+            for key, value in st.items():
+                assert torch.equal(got[name][key].reshape(value.shape), value), (t, name, key)

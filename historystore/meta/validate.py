@@ -346,7 +346,12 @@ def expected_arrays(meta: RunMeta, commit: Commit) -> dict[str, ExpectedArray]:
     def add(path: str, shape: tuple[int, ...], dtype: str, rows: int, chunk: int | None,
             shard: int | None = None) -> None:  # fmt: skip
         sd = layout.storage_dtype(dtype)
-        most = None if path in layout.RAGGED else rows + ahead + (2 if rows == K else 0)
+        if path in layout.RAGGED:
+            most = None
+        elif layout.is_keyframe_array(path):
+            most = rows + ahead + 2
+        else:  # the writer grows arrays several blocks at a time (layout.capacity)
+            most = layout.capacity(path, rows + ahead, spb)
         out[path] = ExpectedArray(path, tuple(shape), sd, rows, chunk, shard, most)
 
     n = len(meta.tensors)

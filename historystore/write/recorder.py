@@ -328,6 +328,9 @@ class Recorder:
         self._block = Block(t0=t0, n=0)
         self._bufs = self._pool.get()
         self._theta_rows = [self._bufs["arrays"][i]["theta"] for i in self._lossless]
+        self._theta_views: list[list[torch.Tensor] | None] = self._bufs.setdefault(
+            "theta_views", [None] * (self.steps_per_block + 1)
+        )
         self._lossless_params = [self._params[i][1] for i in self._lossless]
         with torch.no_grad():  # row 0: θ_{t0}, the base of the block's first delta
             self._copier.copy([r[0] for r in self._theta_rows], self._lossless_params, True)
@@ -484,9 +487,10 @@ class Recorder:
                 params = [p for _, p in self._params]
                 # θ_{t+1} into the block: the writer takes the deltas (and the exact-replay
                 # corrections) for the whole block at once
-                self._copier.copy(
-                    [r[slot + 1] for r in self._theta_rows], self._lossless_params, True
-                )
+                views = self._theta_views[slot + 1]
+                if views is None:  # row views made once per pooled buffer and slot
+                    views = self._theta_views[slot + 1] = [r[slot + 1] for r in self._theta_rows]
+                self._copier.copy(views, self._lossless_params, True)
                 self._norms: list[tuple[int, torch.Tensor]] = []
                 for i in self._lossy:
                     self._record_lossy(i, params[i].detach(), bufs["arrays"][i], slot)

@@ -278,6 +278,7 @@ class BlockWriter:
         self._order = {t.name: i for i, t in enumerate(meta.tensors)}
         self._dtypes = {t.name: t.dtype for t in meta.tensors}
         self._scratch = Scratch()
+        self._paths: dict[int, str] = {}  # id(array) -> its path in the store
         self.join = bool(meta.recorder.get("join_blocks", False))
         self._queue: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
@@ -386,6 +387,7 @@ class BlockWriter:
         if arr is None:
             # write all-zero chunks too (the setting is not persisted): verify relies on it
             arr = self._arrays[path] = self.group[path].with_config({"write_empty_chunks": True})
+            self._paths[id(arr)] = path
         return arr
 
     def _put_rows(self, path: str, start: int, data: np.ndarray | None) -> None:
@@ -407,6 +409,7 @@ class BlockWriter:
         for put in self._puts:
             by_array.setdefault(id(put[0]), []).append(put)
         self._puts = []
+        spb = int(self.meta.recorder["steps_per_block"])
 
         async def put_rows(puts: list[tuple[zarr.Array, int, np.ndarray]]) -> None:
             # puts to one array run in order (two concurrent resizes could shrink it again),
@@ -414,7 +417,8 @@ class BlockWriter:
             aa = puts[0][0]._async_array
             stop = max(start + data.shape[0] for _, start, data in puts)
             if aa.shape[0] < stop:
-                await aa.resize((stop, *aa.shape[1:]))
+                rows = layout.capacity(self._paths[id(puts[0][0])], stop, spb)
+                await aa.resize((rows, *aa.shape[1:]))
             for _, start, data in _join(puts):
                 await aa.setitem(slice(start, start + data.shape[0]), data)
 
