@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -191,3 +192,19 @@ def test_a_writer_behind_writes_the_waiting_blocks_together(tmp_path, digits, wr
     final = hs.open_store(tmp_path / "j.zarr").params_at(40)
     for n, p in run.snapshots[40].items():
         assert torch.equal(final[n].view(torch.int32), p.view(torch.int32)), n
+
+
+def test_writer_keeps_off_the_trainers_cores() -> None:
+    """The writer process pins itself (and so every thread it starts) to the CPUs the
+    trainer's torch threads leave free, at least one."""
+    code = (
+        "import os; from historystore.write.process import _leave_cores_to_trainer as f; "
+        "f({}); print(sorted(os.sched_getaffinity(0)))"
+    )
+    cpus = sorted(os.sched_getaffinity(0))
+    for threads in (1, len(cpus), 64):
+        out = subprocess.run(
+            [sys.executable, "-c", code.format(threads)], capture_output=True, text=True, check=True
+        ).stdout
+        keep = max(1, len(cpus) - threads)
+        assert json.loads(out) == (cpus[-keep:] if len(cpus) > 1 else cpus), (threads, out)
