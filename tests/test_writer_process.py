@@ -196,10 +196,11 @@ def test_a_writer_behind_writes_the_waiting_blocks_together(tmp_path, digits, wr
 
 def test_writer_keeps_off_the_trainers_cores() -> None:
     """The writer process pins itself (and so every thread it starts) to the CPUs the
-    trainer's torch threads leave free, at least one."""
+    trainer's torch threads leave free, at least one; all of them while it is behind."""
     code = (
-        "import os; from historystore.write.process import _leave_cores_to_trainer as f; "
-        "f({}); print(sorted(os.sched_getaffinity(0)))"
+        "import os; from historystore.write.process import _Cores; c = _Cores({}); "
+        "c.use(behind=False); a = sorted(os.sched_getaffinity(0)); "
+        "c.use(behind=True); print([a, sorted(os.sched_getaffinity(0))])"
     )
     cpus = sorted(os.sched_getaffinity(0))
     for threads in (1, len(cpus), 64):
@@ -207,4 +208,4 @@ def test_writer_keeps_off_the_trainers_cores() -> None:
             [sys.executable, "-c", code.format(threads)], capture_output=True, text=True, check=True
         ).stdout
         keep = max(1, len(cpus) - threads)
-        assert json.loads(out) == (cpus[-keep:] if len(cpus) > 1 else cpus), (threads, out)
+        assert json.loads(out) == [cpus[-keep:], cpus], (threads, out)

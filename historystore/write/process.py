@@ -259,18 +259,31 @@ class ProcessWriter:
         return self._stats
 
 
-def _leave_cores_to_trainer(trainer_threads: int) -> None:
-    """Keep the writer (all its threads: zarr's pool, Blosc's) on the CPUs the trainer's
-    torch threads leave free, at least one.
+class _Cores:
+    """The CPUs the writer (all its threads: zarr's pool, Blosc's) runs on.
 
     Why: unpinned, the writer's codec threads ran on every core and preempted the training
     thread; on the 2-core CI machine the training loop itself ran 5-33 % slower while the
-    writer worked, 0-7 % with the writer on one core."""
-    with contextlib.suppress(AttributeError, OSError):
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) > 1:
-            keep = max(1, len(cpus) - max(1, trainer_threads))
-            os.sched_setaffinity(0, cpus[-keep:])
+    writer worked, 0-7 % with the writer on the cores the trainer's torch threads leave free
+    (at least one). When the writer falls behind (a block already waits when it finishes
+    one), the trainer is about to wait for it anyway: it then takes every core until it has
+    caught up."""
+
+    def __init__(self, trainer_threads: int) -> None:
+        self.all: list[int] = []
+        self.free: list[int] = []
+        self.now: list[int] | None = None
+        with contextlib.suppress(AttributeError, OSError):
+            self.all = sorted(os.sched_getaffinity(0))
+            keep = max(1, len(self.all) - max(1, trainer_threads))
+            self.free = self.all[-keep:]
+
+    def use(self, behind: bool) -> None:
+        cpus = self.all if behind else self.free
+        if cpus and cpus != self.now:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, cpus)
+                self.now = cpus
 
 
 def _child(conn: connection.Connection, writer: BlockWriter, parent: int) -> None:
@@ -281,7 +294,8 @@ def _child(conn: connection.Connection, writer: BlockWriter, parent: int) -> Non
     if os.getppid() != parent:  # the parent died before prctl took effect
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops training; close() drains us
-    _leave_cores_to_trainer(torch.get_num_threads())  # (the trainer's setting, inherited)
+    cores = _Cores(torch.get_num_threads())  # (the trainer's setting, inherited)
+    cores.use(behind=False)
     torch.set_num_threads(1)
     maps: dict[int, mmap.mmap] = {}
 
@@ -301,7 +315,7 @@ def _child(conn: connection.Connection, writer: BlockWriter, parent: int) -> Non
         return kind, body
 
     writer.run_init()
-    closing = False
+    closing = behind = False
     while not closing:
         try:
             kind, body = receive()
@@ -318,7 +332,10 @@ def _child(conn: connection.Connection, writer: BlockWriter, parent: int) -> Non
                     break
         except (EOFError, OSError):
             return
+        # behind: blocks waited for this write, or the trainer waits in close()
+        cores.use(behind=behind or closing or len(blocks) > 1)
         writer.run_blocks(blocks)
+        behind = conn.poll(0)
         for _ in blocks:
             report("done")
     report("closed")
