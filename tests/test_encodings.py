@@ -277,3 +277,27 @@ def test_log8_fast_path_equals_the_general_one(shape, zeros):
     dec = state.log8_decode(f2[0], f2[1], torch.float32)
     pos = nxt > 0
     assert ((dec[pos] / nxt[pos] - 1).abs().max()) < 0.06 and bool((dec[~pos] == 0).all())
+
+
+@pytest.mark.parametrize("shape", [(64, 33), (8, 3, 3, 3), (0, 5), (4, 0)])
+def test_quantized_row_scales_are_each_rows_largest_magnitude(shape):
+    """Per-row scales from the rows' extremes: max |Δ| / qmax exactly (rows of negatives
+    only, of zeros only, and empty tensors included), and the round trip within scale / 2."""
+    from historystore.encodings.quantized import QuantizedEncoding
+
+    torch.manual_seed(0)
+    delta = torch.randn(*shape) * torch.logspace(-6, 0, shape[0]).view(-1, *[1] * (len(shape) - 1))
+    if shape[0] >= 3 and delta[0].numel():
+        delta[1] = -delta[1].abs()
+        delta[2] = 0
+    enc = QuantizedEncoding(shape, "float32", bits=6)
+    out = enc.encode_step(delta, StepContext(lr=0.1))
+    want = delta.abs().reshape(shape[0], -1).amax(dim=1) / enc.qmax if delta.numel() else None
+    if want is not None:
+        assert torch.equal(out["scale"], want)
+        assert not torch.signbit(out["scale"]).any()
+        dec = enc.decode_block({k: v.unsqueeze(0) for k, v in out.items()})[0]
+        half = (out["scale"] / 2).view(-1, *[1] * (len(shape) - 1))
+        assert bool(((dec - delta).abs() <= half * (1 + 1e-6)).all())
+    else:
+        assert out["scale"].shape == (shape[0],) and out["q"].shape == shape
