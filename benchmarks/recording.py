@@ -426,13 +426,18 @@ def bench_workload(
         m["steps_per_block"] = rs[0]["steps_per_block"]
         m["writer"] = rs[0]["writer"]
         m["flushes"] = rs[0]["flushes"]
+        # a part can show up in some runs only (blocks written together: when the writer fell
+        # behind); absent counts as 0 s. Bytes and calls are the first run's that has it.
+        kinds = {k: r["writer_parts"][k] for r in reversed(rs) for k in r["writer_parts"]}
         m["writer_parts"] = {
             kind: {
-                "seconds": statistics.median(r["writer_parts"][kind]["seconds"] for r in rs),
+                "seconds": statistics.median(
+                    r["writer_parts"].get(kind, {}).get("seconds", 0.0) for r in rs
+                ),
                 "bytes": d["bytes"],
                 "calls": d["calls"],
             }
-            for kind, d in rs[0]["writer_parts"].items()
+            for kind, d in kinds.items()
         }
         m["writer_parts"]["other"] = {
             "seconds": m["writer_s"] - sum(d["seconds"] for d in m["writer_parts"].values())
