@@ -32,6 +32,7 @@ from ..errors import RecorderError
 from ..meta import layout
 from ..meta.commit import Commit
 from ..meta.layout import RunMeta
+from .chunks import ChunkRows
 from .exact import Scratch, block_deltas
 from .keyframes import Keyframe
 
@@ -284,6 +285,7 @@ class BlockWriter:
         self._error: BaseException | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._puts: list[tuple[zarr.Array, int, np.ndarray]] = []
+        self._chunks = ChunkRows()
         self.bytes_raw = 0
         self.seconds_busy = 0.0
         #: where the writer's time and bytes go: {part: {"seconds", "bytes", "calls"}}
@@ -419,8 +421,12 @@ class BlockWriter:
             if aa.shape[0] < stop:
                 rows = layout.capacity(self._paths[id(puts[0][0])], stop, spb)
                 await aa.resize((rows, *aa.shape[1:]))
+            direct = self._chunks.supports(aa)
             for _, start, data in _join(puts):
-                await aa.setitem(slice(start, start + data.shape[0]), data)
+                if direct:
+                    await self._chunks.put(aa, start, data)
+                else:
+                    await aa.setitem(slice(start, start + data.shape[0]), data)
 
         async def put_all() -> None:
             await asyncio.gather(*(put_rows(p) for p in by_array.values()))
