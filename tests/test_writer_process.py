@@ -196,11 +196,15 @@ def test_a_writer_behind_writes_the_waiting_blocks_together(tmp_path, digits, wr
 
 def test_writer_keeps_off_the_trainers_cores() -> None:
     """The writer process pins itself (and so every thread it starts) to the CPUs the
-    trainer's torch threads leave free, at least one; all of them while it is behind."""
+    trainer's torch threads leave free, at least one; all of them, threads it started before
+    included (zarr's loop, the codec pool), while it is behind."""
     code = (
-        "import os; from historystore.write.process import _Cores; c = _Cores({}); "
-        "c.use(behind=False); a = sorted(os.sched_getaffinity(0)); "
-        "c.use(behind=True); print([a, sorted(os.sched_getaffinity(0))])"
+        "import os, threading; from historystore.write.process import _Cores; c = _Cores({}); "
+        "c.use(behind=False); a = sorted(os.sched_getaffinity(0)); go = threading.Event(); "
+        "t = threading.Thread(target=go.wait); t.start(); "
+        "b = sorted(os.sched_getaffinity(t.native_id)); c.use(behind=True); "
+        "d = sorted(os.sched_getaffinity(t.native_id)); go.set(); t.join(); "
+        "print([a, b, sorted(os.sched_getaffinity(0)), d])"
     )
     cpus = sorted(os.sched_getaffinity(0))
     for threads in (1, len(cpus), 64):
@@ -208,4 +212,4 @@ def test_writer_keeps_off_the_trainers_cores() -> None:
             [sys.executable, "-c", code.format(threads)], capture_output=True, text=True, check=True
         ).stdout
         keep = max(1, len(cpus) - threads)
-        assert json.loads(out) == [cpus[-keep:], cpus], (threads, out)
+        assert json.loads(out) == [cpus[-keep:], cpus[-keep:], cpus, cpus], (threads, out)

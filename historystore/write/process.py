@@ -281,9 +281,19 @@ class _Cores:
     def use(self, behind: bool) -> None:
         cpus = self.all if behind else self.free
         if cpus and cpus != self.now:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(0, cpus)
-                self.now = cpus
+            self.now = cpus
+            # sched_setaffinity moves one thread; zarr's loop and codec threads exist by now
+            for tid in _threads():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, cpus)
+
+
+def _threads() -> list[int]:
+    """This process's thread ids (0, the calling thread, where /proc is missing)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
 
 
 def _child(conn: connection.Connection, writer: BlockWriter, parent: int) -> None:
