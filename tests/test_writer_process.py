@@ -213,3 +213,31 @@ def test_writer_keeps_off_the_trainers_cores() -> None:
         ).stdout
         keep = max(1, len(cpus) - threads)
         assert json.loads(out) == [cpus[-keep:], cpus[-keep:], cpus, cpus], (threads, out)
+
+
+def test_the_trainer_lends_the_writer_its_cores_while_it_waits() -> None:
+    """The trainer's side re-pins every thread of the writer process: to all CPUs while it
+    waits (backpressure, close), back to the free ones when it trains again."""
+    from historystore.write.process import _Cores
+
+    cpus = sorted(os.sched_getaffinity(0))
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import threading, time; threading.Thread(target=time.sleep, "
+            "args=(30,)).start(); time.sleep(30)",
+        ]
+    )
+    try:
+        time.sleep(0.5)  # its second thread has started
+        tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        assert len(tids) == 2
+        cores = _Cores(1, child.pid)
+        cores.use(behind=False)
+        assert all(sorted(os.sched_getaffinity(t)) == cpus[-max(1, len(cpus) - 1) :] for t in tids)
+        cores.use(behind=True)
+        assert all(sorted(os.sched_getaffinity(t)) == cpus for t in tids)
+    finally:
+        child.kill()
+        child.wait()
