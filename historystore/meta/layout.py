@@ -73,6 +73,8 @@ SCALAR_CHUNK = 1 << 12
 #: resize rewrites the array's zarr.json, and once per array per block that was ~30 % of the
 #: writer's array time on a small model. Readers trust the commit record, never the shape.
 GROW_BLOCKS = 8
+#: arrays with one row per keyframe grow this many rows at a time (same reason)
+GROW_KEYFRAMES = 4
 
 INT_VIEW = {"float32": np.int32, "float64": np.int64, "float16": np.int16, "bfloat16": np.int16}
 
@@ -195,7 +197,7 @@ def capacity(path: str, rows: int, steps_per_block: int) -> int:
     if path in RAGGED:
         step = RAGGED_CHUNK
     elif is_keyframe_array(path):
-        step = 1
+        step = GROW_KEYFRAMES
     else:
         step = max(1, steps_per_block) * GROW_BLOCKS
     return -(-rows // step) * step

@@ -349,7 +349,7 @@ def expected_arrays(meta: RunMeta, commit: Commit) -> dict[str, ExpectedArray]:
         if path in layout.RAGGED:
             most = None
         elif layout.is_keyframe_array(path):
-            most = rows + ahead + 2
+            most = layout.capacity(path, rows + ahead + 2, spb)
         else:  # the writer grows arrays several blocks at a time (layout.capacity)
             most = layout.capacity(path, rows + ahead, spb)
         out[path] = ExpectedArray(path, tuple(shape), sd, rows, chunk, shard, most)
