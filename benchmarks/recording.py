@@ -61,7 +61,10 @@ Measured:
 
 * time: wall and CPU seconds (CPU = this process, all threads, and the writer process: the
   writer's compression included) of the whole loop; for recorded runs ``Recorder.__enter__``
-  through ``close()``. overhead = recorded / train (medians); "x loop" = the loop up to its
+  through ``close()``. overhead = recorded / train (medians); "x paired" = the median of
+  each recorded run over the train run of its own repeat (the statistic to compare across
+  sittings: plain training's own time moves ±20 % between runs on a shared VM, and pairing
+  cancels the slow drift); "x loop" = the loop up to its
   last ``rec.step`` / train: recording's cost while training runs, without the one-off wait in
   ``close()`` for the writer to finish the last block; "x steady" = the same without
   ``__enter__`` either (forking the writer, allocating the block rows): the overhead per step
@@ -452,6 +455,7 @@ def bench_workload(
         m["paired_overhead_wall"] = [
             r["wall_s"] / t["wall_s"] for r, t in zip(rs, runs["train"], strict=True)
         ]
+        m["overhead_paired"] = statistics.median(m["paired_overhead_wall"])
         m["step_ms"] = 1e3 * m["step_s"] / w.steps
         m["writer_mbps"] = m["bytes_raw"] / m["writer_s"] / MB
         m["raw_per_wall_mbps"] = m["bytes_raw"] / m["wall_s"] / MB
@@ -642,6 +646,7 @@ TIME_COLUMNS = [  # (header, key of the per-config dict, format, divisor)
     ("spb", "steps_per_block", "{}", None),
     ("rec s", "wall_s", "{:.2f}", None),
     ("x wall", "overhead_wall", "{:.2f}", None),
+    ("x paired", "overhead_paired", "{:.2f}", None),
     ("x loop", "overhead_loop", "{:.2f}", None),
     ("x steady", "overhead_steady", "{:.2f}", None),
     ("x cpu", "overhead_cpu", "{:.2f}", None),
