@@ -196,8 +196,8 @@ def test_a_writer_behind_writes_the_waiting_blocks_together(tmp_path, digits, wr
 
 def test_writer_keeps_off_the_trainers_cores() -> None:
     """The writer process pins itself (and so every thread it starts) to the CPUs the
-    trainer's torch threads leave free, at least one; all of them, threads it started before
-    included (zarr's loop, the codec pool), while it is behind."""
+    trainer's torch threads leave free, at least one; ``use(behind=True)`` moves every thread,
+    those started before included (zarr's loop, the codec pool), to all of them."""
     code = (
         "import os, threading; from historystore.write.process import _Cores; c = _Cores({}); "
         "c.use(behind=False); a = sorted(os.sched_getaffinity(0)); go = threading.Event(); "
@@ -230,8 +230,11 @@ def test_the_trainer_lends_the_writer_its_cores_while_it_waits() -> None:
         ]
     )
     try:
-        time.sleep(0.5)  # its second thread has started
-        tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        deadline = time.monotonic() + 30  # until its second thread has started
+        while len(tids := os.listdir(f"/proc/{child.pid}/task")) < 2:
+            assert time.monotonic() < deadline, "the child's thread never started"
+            time.sleep(0.05)
+        tids = [int(t) for t in tids]
         assert len(tids) == 2
         cores = _Cores(1, child.pid)
         cores.use(behind=False)
