@@ -76,3 +76,12 @@ def test_sharded_arrays_keep_zarrs_path(tmp_path: Path) -> None:
     g = zarr.open_group(tmp_path, mode="w")
     a = _array(g, "s", (), "float32", shards=(32,))
     assert not ChunkRows().supports(a._async_array)
+
+
+def test_rows_outside_the_array_are_refused(tmp_path: Path) -> None:
+    """Rows past the array's shape would land in a chunk file no reader looks at."""
+    g = zarr.open_group(tmp_path, mode="w")
+    a = _array(g, "a", (), "float64")  # 40 rows
+    with pytest.raises(ValueError, match="outside the array's 40 rows"):
+        sync(ChunkRows().put(a._async_array, 38, np.zeros(5)))
+    assert not (tmp_path / "a" / "c").exists()

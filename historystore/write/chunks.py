@@ -50,6 +50,11 @@ class ChunkRows:
         stop = start + data.shape[0]
         if stop == start:
             return
+        if start < 0 or stop > aa.shape[0]:  # a chunk outside the grid would never be read
+            raise ValueError(
+                f"{aa.store_path}: rows {start}:{stop} outside the array's {aa.shape[0]} rows "
+                "(resize it first)"
+            )
         for c in range(start // rows, (stop - 1) // rows + 1):
             c0 = c * rows
             lo, hi = max(start, c0), min(stop, c0 + rows)
