@@ -127,7 +127,7 @@ def _log8_positive(
         lmax = lg.amax(dim=1)
         lmin = torch.where(x > 0, lg, math.inf).amin(dim=1)  # inf: a row of zeros only
     else:
-        lmin, lmax = lg.aminmax(dim=1)
+        lmin, lmax = lg.amin(dim=1), lg.amax(dim=1)  # aminmax: 6x slower on CPU
     if rng is not None:
         r = rng.reshape(-1, 3).clone()
         r[:, 2] = 0

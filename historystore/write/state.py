@@ -169,7 +169,10 @@ class StateCapture:
             self._plan = None
             return
         plan = self._plan
-        if plan is None or [id(v) for v in plan.src] != [id(v) for v in src]:
+        # the same state tensors (not their detached views, new objects at every call): keep
+        # the plan, and with it the row views of the other pooled block buffers
+        held = [id(v) for _, _, _, same in checks for _, v in same]
+        if plan is None or plan.held != held:
             plan = self._plan = _Plan(src, checks, missing)
         plan.rows[id(states)] = rows
         plan.views[id(states)] = [None] * self.spb
@@ -198,6 +201,7 @@ class _Plan:
         missing: list[torch.Tensor],
     ) -> None:
         self.src = src
+        self.held = [id(v) for _, _, _, same in checks for _, v in same]  # the state tensors
         self.checks = checks  # (param, its state dict, its key count, [(key, tensor)])
         self.missing = missing  # params without state yet: a state appearing ends the plan
         self.rows: dict[int, list[torch.Tensor]] = {}  # id(block states) -> buffer per src
