@@ -274,6 +274,11 @@ def test_log8_fast_path_equals_the_general_one(shape, zeros):
     f3 = state.log8_encode(far, fast[1])
     s3 = state._log8_general(far, flat(far), fast[1])
     assert torch.equal(f3[0], s3[0]) and torch.equal(f3[1], s3[1]) and f3[2] and s3[2]
+    # with the recorder's reused scratch (stale values from another step in it): same bits
+    work = torch.full((2 * v.numel(),), float("nan"))
+    for x, rng, want in ((v, None, fast), (nxt, fast[1], f2), (far, fast[1], f3)):
+        got = state.log8_encode(x, rng, work)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
     dec = state.log8_decode(f2[0], f2[1], torch.float32)
     pos = nxt > 0
     assert ((dec[pos] / nxt[pos] - 1).abs().max()) < 0.06 and bool((dec[~pos] == 0).all())
@@ -299,5 +304,16 @@ def test_quantized_row_scales_are_each_rows_largest_magnitude(shape):
         dec = enc.decode_block({k: v.unsqueeze(0) for k, v in out.items()})[0]
         half = (out["scale"] / 2).view(-1, *[1] * (len(shape) - 1))
         assert bool(((dec - delta).abs() <= half * (1 + 1e-6)).all())
+        # the recorder's path: decoded into its reused buffer, the same bits; and a second
+        # step through the encoder's own reused quotient buffer codes like a fresh encoder
+        buf = torch.full(shape, float("nan"))
+        assert enc.decode_step(out, buf) is buf and torch.equal(buf, dec)
+        again = enc.encode_step(delta * 3, StepContext(lr=0.1))
+        fresh = QuantizedEncoding(shape, "float32", bits=6).encode_step(delta * 3, StepContext())
+        assert all(torch.equal(again[k], fresh[k]) for k in fresh)
+        assert torch.equal(
+            out["q"],
+            QuantizedEncoding(shape, "float32", bits=6).encode_step(delta, StepContext())["q"],
+        )  # the first step's codes were not overwritten
     else:
         assert out["scale"].shape == (shape[0],) and out["q"].shape == shape

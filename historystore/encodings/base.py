@@ -79,6 +79,12 @@ class Encoding(ABC):
         """Dense deltas ``[steps, *shape]`` from a block of stored arrays (torch, any device)."""
         raise EncodingError(f"encoding {self.name!r} cannot give a dense delta")
 
+    def decode_step(self, arrays: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """One step's dense delta, into ``out`` where the encoding can (the recorder passes a
+        buffer it reuses every step: a fresh full-size tensor costs a page fault per 4 KiB,
+        more than the arithmetic on CPU). The result may be ``out`` or a new tensor."""
+        return self.decode_block({a: v.unsqueeze(0) for a, v in arrays.items()})[0]
+
     def require(self, capability: str) -> None:
         """Raise a clear error if this encoding lacks ``capability``."""
         if capability not in self.capabilities:

@@ -39,6 +39,7 @@ class QuantizedEncoding(Encoding):
         self.bits = int(bits)
         self.qmax = (1 << (self.bits - 1)) - 1
         self._rows = len(self.shape) >= 2
+        self._work: torch.Tensor | None = None
 
     def params(self) -> dict[str, Any]:
         return {"bits": self.bits}
@@ -66,8 +67,18 @@ class QuantizedEncoding(Encoding):
         else:
             scale = x.abs().max() / self.qmax if x.numel() else x.new_zeros(())
             div = torch.where(scale > 0, scale, 1.0)
-        q = torch.div(x, div).round_().clamp_(-self.qmax, self.qmax).to(torch.int8)
+        # the quotient in a buffer kept from step to step (see decode_step)
+        work = self._work
+        if work is None or work.device != x.device or work.shape != x.shape:
+            work = self._work = torch.empty_like(x)
+        q = torch.div(x, div, out=work).round_().clamp_(-self.qmax, self.qmax).to(torch.int8)
         return {"q": q, "scale": scale}
+
+    def decode_step(self, arrays: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        q, scale = arrays["q"], arrays["scale"]
+        if out.dtype != torch.float32 or out.shape != q.shape:  # (float32 arithmetic first)
+            return super().decode_step(arrays, out)
+        return torch.mul(q, scale.view(*scale.shape, *([1] * (q.dim() - scale.dim()))), out=out)
 
     def decode_block(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
         q, scale = arrays["q"], arrays["scale"]

@@ -63,7 +63,7 @@ MARGIN_DOWN, MARGIN_UP = 1.0, 2.0
 
 
 def log8_encode(
-    v: torch.Tensor, rng: torch.Tensor | None = None
+    v: torch.Tensor, rng: torch.Tensor | None = None, work: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """uint8 codes of log(v) per row, the rows' (lo, hi, intra) range, and whether this step
     starts a new range (``intra``, as a Python bool: the caller needs no device sync for it).
@@ -74,11 +74,15 @@ def log8_encode(
     recorder stores each step's code *differences* (mostly 0), which compress to a fraction
     of a byte; only a block's first step holds the codes themselves (``intra`` = 1), and any
     step with a v outside the range (early in training v grows quickly) starts a new range,
-    so no code is ever clamped."""
+    so no code is ever clamped.
+
+    ``work``: optional float32 scratch of ``2 * v.numel()`` elements that the caller reuses
+    from step to step (a fresh full-size temporary costs a page fault per 4 KiB)."""
     x = v.float().reshape(v.shape[0], -1) if v.dim() >= 2 else v.float().reshape(1, -1)
     least = float(x.amin()) if x.numel() else math.nan  # (NaN: the general path)
     if least >= 0:
-        return _log8_positive(v, x, rng, zeros=least == 0)
+        ok = work is not None and work.dtype == x.dtype and work.numel() >= 2 * x.numel()
+        return _log8_positive(v, x, rng, zeros=least == 0, work=work if ok else None)
     return _log8_general(v, x, rng)
 
 
@@ -109,7 +113,11 @@ def _log8_general(
 
 
 def _log8_positive(
-    v: torch.Tensor, x: torch.Tensor, rng: torch.Tensor | None, zeros: bool = False
+    v: torch.Tensor,
+    x: torch.Tensor,
+    rng: torch.Tensor | None,
+    zeros: bool = False,
+    work: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """:func:`log8_encode` when every v >= 0 (Adam's v after its first steps): the same
     arithmetic in the same order, in place on one buffer, and the range check on each row's
@@ -122,10 +130,13 @@ def _log8_positive(
     ``zeros``: some v are exactly 0 (units that got no gradient yet): their log is -inf,
     which leaves each row's largest value alone, is masked out of its smallest, and codes
     to 0 at the final clamp, as the general path codes them."""
-    lg = x.log()
+    n = x.numel()
+    bufs = (None, None) if work is None else (work[:n].view_as(x), work[n : 2 * n].view_as(x))
+    lg = x.log() if bufs[0] is None else torch.log(x, out=bufs[0])
     if zeros:
         lmax = lg.amax(dim=1)
-        lmin = torch.where(x > 0, lg, math.inf).amin(dim=1)  # inf: a row of zeros only
+        inf = torch.full((), math.inf, dtype=lg.dtype, device=lg.device)
+        lmin = torch.where(x > 0, lg, inf, out=bufs[1]).amin(dim=1)  # inf: a row of zeros
     else:
         lmin, lmax = lg.amin(dim=1), lg.amax(dim=1)  # aminmax: 6x slower on CPU
     if rng is not None:

@@ -55,6 +55,7 @@ class StateCapture:
         self._count: list[int] = [0] * len(params)
         # LOG8 keys: this block's codes of the previous step and range, per (tensor, key)
         self._ref: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._work: dict[tuple[int, str], torch.Tensor] = {}  # log8 scratch per tensor
         self._plan: _Plan | None = None  # the copies of the last step, while they still hold
 
     @staticmethod
@@ -150,7 +151,14 @@ class StateCapture:
                     if rbuf is None:
                         rbuf = bufs[rname] = self._alloc(i, rname, slot)
                     ref = self._ref.get((i, sname)) if slot else None
-                    codes, rng, intra = log8_encode(v.detach(), None if ref is None else ref[1])
+                    work = self._work.get((i, sname))
+                    if work is None:  # reused every step (see log8_encode)
+                        work = self._work[(i, sname)] = v.new_empty(
+                            2 * v.numel(), dtype=torch.float32
+                        )
+                    codes, rng, intra = log8_encode(
+                        v.detach(), None if ref is None else ref[1], work
+                    )
                     stored = codes if intra else codes - ref[0]  # uint8: wraps mod 256
                     self._ref[(i, sname)] = (codes, rng)
                     coded_dst += [buf[slot], rbuf[slot]]
