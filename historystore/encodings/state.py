@@ -135,8 +135,10 @@ def _log8_positive(
     lg = x.log() if bufs[0] is None else torch.log(x, out=bufs[0])
     if zeros:
         lmax = lg.amax(dim=1)
-        inf = torch.full((), math.inf, dtype=lg.dtype, device=lg.device)
-        lmin = torch.where(x > 0, lg, inf, out=bufs[1]).amin(dim=1)  # inf: a row of zeros
+        # the smallest log over v > 0: log 0 = -inf read as +inf (a row of zeros gives inf).
+        # nan_to_num rather than where(v > 0, ...): one pass, no mask (1 vs 7-10 ms on 2 M)
+        inf = math.inf
+        lmin = torch.nan_to_num(lg, nan=0.0, posinf=inf, neginf=inf, out=bufs[1]).amin(dim=1)
     else:
         lmin, lmax = lg.amin(dim=1), lg.amax(dim=1)  # aminmax: 6x slower on CPU
     if rng is not None:
