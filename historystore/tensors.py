@@ -78,3 +78,29 @@ def crc_marker(t: torch.Tensor) -> int:
     from the replayed weights (the 2**32 bit marks the row as holding a fingerprint)."""
     a = to_numpy(t) if t.device.type != "cpu" or t.dtype == torch.bfloat16 else t.detach().numpy()
     return (1 << 32) | zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
+class Workspace:
+    """Scratch tensors reused from step to step: one flat buffer per (device, dtype, role),
+    grown to the largest request and viewed to each shape.
+
+    Why: on CPU a fresh full-size temporary costs a page fault per 4 KiB, more than the
+    arithmetic on it; and since tensors are coded one after another, one buffer per role
+    serves them all (memory of the largest tensor, not of the model). A view is valid until
+    the next ``get`` of the same role."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+
+    def get(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, role: int = 0
+    ) -> torch.Tensor:
+        n = int(np.prod(shape, dtype=np.int64))
+        key = (torch.device(device), dtype, role)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[key] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+    def like(self, t: torch.Tensor, role: int = 0) -> torch.Tensor:
+        return self.get(tuple(t.shape), t.dtype, t.device, role)

@@ -15,11 +15,23 @@ elements; prefer ``rounded`` or ``factors`` there.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
 
+from ..tensors import Workspace
 from .base import ArraySpec, Encoding, StepContext, register
+
+_local = threading.local()
+
+
+def _workspace() -> Workspace:
+    """This thread's scratch for the quotient (one buffer for all tensors, coded in turn)."""
+    ws = getattr(_local, "ws", None)
+    if ws is None:
+        ws = _local.ws = Workspace()
+    return ws
 
 
 @register
@@ -39,7 +51,6 @@ class QuantizedEncoding(Encoding):
         self.bits = int(bits)
         self.qmax = (1 << (self.bits - 1)) - 1
         self._rows = len(self.shape) >= 2
-        self._work: torch.Tensor | None = None
 
     def params(self) -> dict[str, Any]:
         return {"bits": self.bits}
@@ -67,11 +78,13 @@ class QuantizedEncoding(Encoding):
         else:
             scale = x.abs().max() / self.qmax if x.numel() else x.new_zeros(())
             div = torch.where(scale > 0, scale, 1.0)
-        # the quotient in a buffer kept from step to step (see decode_step)
-        work = self._work
-        if work is None or work.device != x.device or work.shape != x.shape:
-            work = self._work = torch.empty_like(x)
-        q = torch.div(x, div, out=work).round_().clamp_(-self.qmax, self.qmax).to(torch.int8)
+        # the quotient in a buffer kept from step to step (see tensors.Workspace)
+        q = (
+            torch.div(x, div, out=_workspace().like(x))
+            .round_()
+            .clamp_(-self.qmax, self.qmax)
+            .to(torch.int8)
+        )
         return {"q": q, "scale": scale}
 
     def decode_step(self, arrays: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ class StateCapture:
         self._count: list[int] = [0] * len(params)
         # LOG8 keys: this block's codes of the previous step and range, per (tensor, key)
         self._ref: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._work: dict[tuple[int, str], torch.Tensor] = {}  # log8 scratch per tensor
+        self._work = tensors.Workspace()  # log8 scratch, shared by the tensors in turn
         self._plan: _Plan | None = None  # the copies of the last step, while they still hold
 
     @staticmethod
@@ -151,11 +151,7 @@ class StateCapture:
                     if rbuf is None:
                         rbuf = bufs[rname] = self._alloc(i, rname, slot)
                     ref = self._ref.get((i, sname)) if slot else None
-                    work = self._work.get((i, sname))
-                    if work is None:  # reused every step (see log8_encode)
-                        work = self._work[(i, sname)] = v.new_empty(
-                            2 * v.numel(), dtype=torch.float32
-                        )
+                    work = self._work.get((2 * v.numel(),), torch.float32, v.device)
                     codes, rng, intra = log8_encode(
                         v.detach(), None if ref is None else ref[1], work
                     )
