@@ -85,3 +85,15 @@ def test_rows_outside_the_array_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="outside the array's 40 rows"):
         sync(ChunkRows().put(a._async_array, 38, np.zeros(5)))
     assert not (tmp_path / "a" / "c").exists()
+
+
+def test_other_stores_get_the_chunks_through_zarr() -> None:
+    """Local stores are written directly (a temporary file renamed over the chunk); any other
+    store through its own ``set``: the same values read back."""
+    g = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    a = _array(g, "m", (3,), "float32")
+    data = np.arange(60, dtype=np.float32).reshape(20, 3)
+    w = ChunkRows()
+    sync(w.put(a._async_array, 0, data[:7]))
+    sync(w.put(a._async_array, 7, data[7:]))
+    np.testing.assert_array_equal(a[:20], data)

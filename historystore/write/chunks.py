@@ -13,11 +13,15 @@ cannot encode synchronously (or sharded arrays) keep zarr's path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import os
 from typing import Any
 
 import numpy as np
 from zarr.codecs import ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import LocalStore
 
 #: chunks above this size are encoded in a worker thread (the codecs release the GIL) instead
 #: of on zarr's event loop, which would stall the block's other writes meanwhile
@@ -30,6 +34,8 @@ class ChunkRows:
     def __init__(self) -> None:
         self._codecs: dict[int, tuple[Any, list[Any] | None]] = {}  # id -> (array, codecs)
         self._open: dict[int, tuple[Any, int, np.ndarray]] = {}  # id -> (array, chunk, rows)
+        self._dirs: set[str] = set()  # chunk folders known to exist (local stores)
+        self._tmp = itertools.count()
 
     def supports(self, aa: Any) -> bool:
         """Whether ``aa`` (a zarr ``AsyncArray``) can be written here."""
@@ -92,7 +98,31 @@ class ChunkRows:
             return buf
 
         buf = await asyncio.to_thread(encode) if chunk.nbytes > THREAD_BYTES else encode()
-        await (aa.store_path / aa.metadata.encode_chunk_key(coords)).set(buf)
+        dest = aa.store_path / aa.metadata.encode_chunk_key(coords)
+        store = dest.store
+        if isinstance(store, LocalStore) and not store.read_only:
+            self._put_local(os.path.join(store.root, dest.path), buf.as_buffer_like())
+        else:
+            await dest.set(buf)
+
+    def _put_local(self, path: str, data: Any) -> None:
+        """What ``LocalStore.set`` does (a temporary file, then an atomic rename over the
+        chunk), without its per-call costs: a thread hop, ``mkdir(parents=True)`` and a
+        uuid per file. Measured ~0.85 ms per chunk through zarr vs ~0.4 ms here, on a block
+        that writes ~35 chunk files."""
+        folder = os.path.dirname(path)
+        if folder not in self._dirs:
+            os.makedirs(folder, exist_ok=True)
+            self._dirs.add(folder)
+        tmp = f"{path}.{os.getpid()}-{next(self._tmp)}.partial"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def _sync_codecs(aa: Any) -> list[Any] | None:
