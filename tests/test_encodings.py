@@ -275,7 +275,7 @@ def test_log8_fast_path_equals_the_general_one(shape, zeros):
     s3 = state._log8_general(far, flat(far), fast[1])
     assert torch.equal(f3[0], s3[0]) and torch.equal(f3[1], s3[1]) and f3[2] and s3[2]
     # with the recorder's reused scratch (stale values from another step in it): same bits
-    work = torch.full((2 * v.numel(),), float("nan"))
+    work = (torch.full((v.numel(),), float("nan")), torch.full((v.numel(),), -1.0))
     for x, rng, want in ((v, None, fast), (nxt, fast[1], f2), (far, fast[1], f3)):
         got = state.log8_encode(x, rng, work)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]

@@ -63,7 +63,9 @@ MARGIN_DOWN, MARGIN_UP = 1.0, 2.0
 
 
 def log8_encode(
-    v: torch.Tensor, rng: torch.Tensor | None = None, work: torch.Tensor | None = None
+    v: torch.Tensor,
+    rng: torch.Tensor | None = None,
+    work: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """uint8 codes of log(v) per row, the rows' (lo, hi, intra) range, and whether this step
     starts a new range (``intra``, as a Python bool: the caller needs no device sync for it).
@@ -76,12 +78,15 @@ def log8_encode(
     step with a v outside the range (early in training v grows quickly) starts a new range,
     so no code is ever clamped.
 
-    ``work``: optional float32 scratch of ``2 * v.numel()`` elements that the caller reuses
-    from step to step (a fresh full-size temporary costs a page fault per 4 KiB)."""
+    ``work``: optional pair of float32 scratch tensors of ``v.numel()`` elements each that
+    the caller reuses from step to step (a fresh full-size temporary costs a page fault per
+    4 KiB)."""
     x = v.float().reshape(v.shape[0], -1) if v.dim() >= 2 else v.float().reshape(1, -1)
     least = float(x.amin()) if x.numel() else math.nan  # (NaN: the general path)
     if least >= 0:
-        ok = work is not None and work.dtype == x.dtype and work.numel() >= 2 * x.numel()
+        ok = work is not None and all(
+            w.dtype == x.dtype and w.numel() == x.numel() and w.is_contiguous() for w in work
+        )
         return _log8_positive(v, x, rng, zeros=least == 0, work=work if ok else None)
     return _log8_general(v, x, rng)
 
@@ -117,7 +122,7 @@ def _log8_positive(
     x: torch.Tensor,
     rng: torch.Tensor | None,
     zeros: bool = False,
-    work: torch.Tensor | None = None,
+    work: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """:func:`log8_encode` when every v >= 0 (Adam's v after its first steps): the same
     arithmetic in the same order, in place on one buffer, and the range check on each row's
@@ -130,8 +135,7 @@ def _log8_positive(
     ``zeros``: some v are exactly 0 (units that got no gradient yet): their log is -inf,
     which leaves each row's largest value alone, is masked out of its smallest, and codes
     to 0 at the final clamp, as the general path codes them."""
-    n = x.numel()
-    bufs = (None, None) if work is None else (work[:n].view_as(x), work[n : 2 * n].view_as(x))
+    bufs = (None, None) if work is None else (work[0].view_as(x), work[1].view_as(x))
     lg = x.log() if bufs[0] is None else torch.log(x, out=bufs[0])
     if zeros:
         lmax = lg.amax(dim=1)

@@ -213,7 +213,8 @@ class Recorder:
             if e.needs_io
         }
         self._lossy = [i for i, e in enumerate(self._encs) if not e.lossless]
-        self._work = tensors.Workspace()  # lossy tensors' Δ and decoded Δ (CPU)
+        # scratch reused every step: lossy tensors' Δ and decoded Δ (CPU), then log8 of v
+        self._work = tensors.Workspace()
         self._state = StateCapture(
             [n for n, _ in self._params],
             [p for _, p in self._params],
@@ -223,6 +224,7 @@ class Recorder:
             self.steps_per_block,
             self._copier,
             self._empty,
+            self._work,
         )
         self._writer = self._start_writer()
         # v codes: made by a writer process (off the GIL) when the block can hold raw v within

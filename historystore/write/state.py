@@ -36,6 +36,7 @@ class StateCapture:
         steps_per_block: int,
         copier: HostCopier,
         alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
+        workspace: tensors.Workspace | None = None,
     ) -> None:
         self.names = names
         self.params = params
@@ -55,7 +56,9 @@ class StateCapture:
         self._count: list[int] = [0] * len(params)
         # LOG8 keys: this block's codes of the previous step and range, per (tensor, key)
         self._ref: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._work = tensors.Workspace()  # log8 scratch, shared by the tensors in turn
+        # log8 scratch, shared by the tensors in turn (and with the recorder's lossy coding,
+        # which runs before the state capture in each step)
+        self._work = workspace or tensors.Workspace()
         self._plan: _Plan | None = None  # the copies of the last step, while they still hold
 
     @staticmethod
@@ -151,7 +154,11 @@ class StateCapture:
                     if rbuf is None:
                         rbuf = bufs[rname] = self._alloc(i, rname, slot)
                     ref = self._ref.get((i, sname)) if slot else None
-                    work = self._work.get((2 * v.numel(),), torch.float32, v.device)
+                    shape, dev = (v.numel(),), v.device
+                    work = (
+                        self._work.get(shape, torch.float32, dev, 0),
+                        self._work.get(shape, torch.float32, dev, 1),
+                    )
                     codes, rng, intra = log8_encode(
                         v.detach(), None if ref is None else ref[1], work
                     )
