@@ -181,7 +181,8 @@ def kills(workdir: Path, n: int, seed: int = 0, reference: dict | None = None) -
 # -- a full disk -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def tiny_disk(where: Path, size_kb: int, mount: bool = True) -> Iterator[tuple[Path, Any]]:
-    """A ``size_kb`` tmpfs (root and mount allowed) or ENOSPC simulated in zarr's file writes.
+    """A ``size_kb`` tmpfs (root and mount allowed) or ENOSPC simulated in the file writes
+    (zarr's LocalStore and the recorder's direct chunk files).
 
     Yields (directory, grow): ``grow()`` gives the disk room again."""
     where.mkdir(parents=True, exist_ok=True)
@@ -206,24 +207,32 @@ def tiny_disk(where: Path, size_kb: int, mount: bool = True) -> Iterator[tuple[P
         return
     import zarr.storage._local as local
 
-    real_put = local._put
+    from historystore.write import chunks
+
+    real_put, real_write = local._put, chunks.write_bytes
     budget = {"bytes": size_kb * 1024 * 2 // 5}  # tmpfs also spends a 4 KiB page per file
 
-    def put(path: Any, value: Any, exclusive: bool = False) -> Any:
-        n = len(value.as_buffer_like()) if hasattr(value, "as_buffer_like") else 0
+    def spend(path: Any, n: int) -> None:
         if budget["bytes"] - n < 0 and str(path).startswith(str(where)):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         budget["bytes"] -= n
+
+    def put(path: Any, value: Any, exclusive: bool = False) -> Any:
+        spend(path, len(value.as_buffer_like()) if hasattr(value, "as_buffer_like") else 0)
         return real_put(path, value, exclusive)
+
+    def write(path: str, data: Any) -> None:  # the writer's direct chunk files
+        spend(path, memoryview(data).nbytes)
+        real_write(path, data)
 
     def grow_sim() -> None:
         budget["bytes"] = 1 << 40
 
-    local._put = put
+    local._put, chunks.write_bytes = put, write
     try:
         yield where, grow_sim
     finally:
-        local._put = real_put
+        local._put, chunks.write_bytes = real_put, real_write
 
 
 def disk_full(

@@ -116,13 +116,19 @@ class ChunkRows:
             self._dirs.add(folder)
         tmp = f"{path}.{os.getpid()}-{next(self._tmp)}.partial"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
+            write_bytes(tmp, data)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def write_bytes(path: str, data: Any) -> None:
+    """A new file holding ``data`` (the one place the direct chunk writes touch the disk:
+    ``benchmarks.faults`` fills a simulated disk here and in zarr's ``LocalStore``)."""
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _sync_codecs(aa: Any) -> list[Any] | None:
