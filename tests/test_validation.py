@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -202,6 +203,39 @@ def test_negative_example_ids_are_refused_and_the_step_can_be_repeated(tmp_path)
     s = hs.open_store(tmp_path / "n.zarr")
     assert s.num_steps == 1 and s.batch(0).ids.tolist() == [0, 1, 2]
     assert verify(str(tmp_path / "n.zarr")).ok
+
+
+def test_malformed_ids_are_refused_and_ids_of_every_kind_are_stored(tmp_path):
+    """Float, boolean and 2-D ids (torch or numpy) get a clear error and leave the step to
+    be repeated; torch ids of other integer types and numpy arrays the caller reuses
+    afterwards are stored as given at the call."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reused = np.array([7, 8, 9])
+    with hs.Recorder(tmp_path / "ids.zarr", model, opt) as rec:
+        for ids in (
+            torch.tensor([0.0, 1.0]),
+            torch.ones(2, dtype=torch.bool),
+            torch.zeros(2, 2, dtype=torch.long),
+            np.zeros((2, 2), dtype=np.int64),
+        ):
+            model(torch.ones(3, 4)).sum().backward()
+            opt.step()
+            with pytest.raises(ValueError, match="example_ids must be a 1-D sequence of integers"):
+                rec.step(ids)
+            with pytest.raises(ValueError, match="labels must be a 1-D sequence of integers"):
+                rec.step([0, 1], labels=ids)
+            rec.step(torch.tensor([3, 4], dtype=torch.int32), labels=torch.tensor([1, 0]))
+        model(torch.ones(3, 4)).sum().backward()
+        opt.step()
+        rec.step(reused, labels=[2, 2, 2])
+        reused[:] = -1  # the caller's array, reused after the call
+    s = hs.open_store(tmp_path / "ids.zarr")
+    assert s.num_steps == 5
+    assert [s.batch(t).ids.tolist() for t in range(5)] == [[3, 4]] * 4 + [[7, 8, 9]]
+    assert s.batch(0).labels.tolist() == [1, 0] and s.batch(4).labels.tolist() == [2, 2, 2]
+    assert verify(str(tmp_path / "ids.zarr")).ok
 
 
 def test_reason_for_a_bias_under_plain_sgd_names_the_bias():
