@@ -74,6 +74,12 @@ Measured:
   (building the block, checksums of lossy θ̂) and ``wait`` the time the loop was blocked
   handing blocks to the writer (backpressure); ``close`` = the time ``close()`` waited for the
   writer to finish.
+* floor ("floor" lines): the same training with, after each step, only what any recorder must
+  do on the training thread: one batched copy of θ and one of the optimizer state into rows
+  allocated and touched before the loop (``run_floor``). Its ms/step is what ``rec.step``
+  compares with; what lies above it is the recorder's own work (validation, ids, scalars,
+  blocks); its "x paired" is the overhead of a recorder that did nothing else and whose
+  writer cost nothing.
 * writer time ("writer time" lines, from ``Recorder.stats``): writes and MB per kind of array
   (deltas, optimizer state, keyframes, the small per-step arrays), the seconds of creating the
   arrays, of the exact deltas (Δ and corrections from the block's θ rows), of the block's
@@ -304,6 +310,49 @@ def run_once(
     return out
 
 
+def run_floor(w: Workload, block_bytes: int = 16 << 20) -> dict[str, Any]:
+    """Train ``w`` doing, after each step, the least any recorder must do on the training
+    thread: copy θ and the optimizer state (one batched copy each) into host rows that are
+    allocated and touched before the loop and reused every block (as many steps as fit in
+    ``block_bytes``, 2 to 32, as the recorder's blocks), with their row views made once. No validation, no ids, no writer: the floor ``rec.step`` is measured
+    against (the copies cost several times their hot cost right after a training step)."""
+    batches = w.batches()
+    torch.manual_seed(w.seed)
+    model = w.make_model()
+    opt = w.make_optimizer(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    slots = max(2, min(32, block_bytes // sum(p.numel() * p.element_size() for p in params)))
+    rows = [torch.zeros((slots, *p.shape), dtype=p.dtype) for p in params]
+    views = [[r[k] for r in rows] for k in range(slots)]
+    state: list[torch.Tensor] = []
+    state_views: list[list[torch.Tensor]] = []
+    copy_s = 0.0
+    t_start = time.perf_counter()
+    for t, idx in enumerate(batches):
+        y = w.y[idx]
+        loss = F.cross_entropy(model(w.x[idx]), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            torch._foreach_copy_(views[t % slots], params)
+            if not state:  # the state appears at the first step
+                state = [
+                    v
+                    for p in params
+                    for v in opt.state[p].values()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0
+                ]
+                srows = [torch.zeros((slots, *v.shape), dtype=v.dtype) for v in state]
+                state_views = [[r[k] for r in srows] for k in range(slots)]
+            if state:
+                torch._foreach_copy_(state_views[t % slots], state)
+        copy_s += time.perf_counter() - t0
+    wall = time.perf_counter() - t_start
+    return {"wall_s": wall, "copy_s": copy_s, "final_crc": _fingerprint(model)}
+
+
 # ------------------------------------------------------------------------------------------
 # store contents
 
@@ -383,8 +432,10 @@ def bench_workload(
         "batch": w.batch,
         "repeats": w.repeats,
     }
+    floor: list[dict[str, Any]] = []
     for r in range(w.repeats):
         runs["train"].append(run_once(w, None, None))
+        floor.append(run_floor(w))
         for cname, cfg in CONFIGS.items():
             path = tmp / f"{w.name}-{cname}.zarr"
             runs[cname].append(run_once(w, cfg, path, writer=WRITER.get(cname, "auto")))
@@ -403,11 +454,20 @@ def bench_workload(
             f"  {w.name} repeat {r + 1}/{w.repeats}: train {runs['train'][-1]['wall_s']:.1f} s, "
             + ", ".join(f"{c} {runs[c][-1]['wall_s']:.1f} s" for c in CONFIGS)
         )
-    crcs = {r["final_crc"] for rs in runs.values() for r in rs}
+    crcs = {r["final_crc"] for rs in [*runs.values(), floor] for r in rs}
     res["same_final_weights"] = len(crcs) == 1
     res["num_params"] = sizes["default"]["num_params"]
     train_wall, train_cpu = _med(runs["train"], "wall_s"), _med(runs["train"], "cpu_s")
     res["train"] = {"wall_s": train_wall, "cpu_s": train_cpu, "runs": runs["train"]}
+    res["floor"] = {
+        "wall_s": _med(floor, "wall_s"),
+        "copy_s": _med(floor, "copy_s"),
+        "copy_ms_per_step": 1e3 * _med(floor, "copy_s") / w.steps,
+        "overhead_paired": statistics.median(
+            f["wall_s"] / t["wall_s"] for f, t in zip(floor, runs["train"], strict=True)
+        ),
+        "runs": floor,
+    }
     res["configs"] = {}
     for cname in CONFIGS:
         rs = runs[cname]
@@ -754,6 +814,15 @@ def table(report: dict[str, Any]) -> str:
                 f"≈ {encode:.2f} s at the codec's 1-thread speed, the rest zarr and files)"
             )
         out.append(f"where the time goes, {res['workload']}: " + "; ".join(extra))
+    for res in report["workloads"]:  # how far rec.step is from the least a recorder must do
+        fl = res["floor"]
+        m = next(iter(res["configs"].values()))
+        out.append(
+            f"floor {res['workload']}: copying θ and the state after each step (one batched "
+            f"copy each, reused rows, nothing else) costs {fl['copy_ms_per_step']:.2f} ms/step "
+            f"in the loop, x paired {fl['overhead_paired']:.2f}; the default's rec.step "
+            f"{m['step_ms']:.2f} ms/step, x paired {m['overhead_paired']:.2f}"
+        )
     same = all(r["same_final_weights"] for r in report["workloads"])
     out.append(f"recording leaves training unchanged (same final weights): {same}")
     for res in report["workloads"]:
