@@ -314,8 +314,9 @@ def run_floor(w: Workload, block_bytes: int = 16 << 20) -> dict[str, Any]:
     """Train ``w`` doing, after each step, the least any recorder must do on the training
     thread: copy θ and the optimizer state (one batched copy each) into host rows that are
     allocated and touched before the loop and reused every block (as many steps as fit in
-    ``block_bytes``, 2 to 32, as the recorder's blocks), with their row views made once. No validation, no ids, no writer: the floor ``rec.step`` is measured
-    against (the copies cost several times their hot cost right after a training step)."""
+    ``block_bytes``, 2 to 32, as the recorder's blocks), with their row views made once. No
+    validation, no ids, no writer: the floor ``rec.step`` is measured against (the copies
+    cost several times their hot cost right after a training step)."""
     batches = w.batches()
     torch.manual_seed(w.seed)
     model = w.make_model()
