@@ -204,6 +204,8 @@ class Recorder:
         self._buffers, self._init_layout = opened.buffers, opened.init_layout
         self._last_keyframe = opened.last_keyframe
         self._group_of = self._param_groups()
+        self._keyframe_every = self.config_keyframe_every
+        self._state_every_step = self.meta.recorder["optimizer_state"] == "every_step"
         self._encs: list[Encoding] = [
             get_encoding(t.encoding, t.shape, t.dtype, **t.encoding_params)
             for t in self.meta.tensors
@@ -369,7 +371,7 @@ class Recorder:
             "ghost_size": [],
         }
         self._hparam_rows: dict[str, list[float]] = {k: [] for k in self.meta.hparam_keys}
-        self._err_rows: list[np.ndarray] = []
+        self._err_rows: list[np.ndarray | None] = []
         self._block_end = (t0 // self.steps_per_block + 1) * self.steps_per_block
 
     def _keyframe(self, step: int) -> Any:
@@ -394,11 +396,10 @@ class Recorder:
                 self._params[i][0]: tensors.to_numpy_view(bufs["arrays"][i]["theta"][: n + 1])
                 for i in self._lossless
             }
-        b.enc_error = (
-            np.stack(self._err_rows).astype(np.float32)
-            if n
-            else np.zeros((0, len(self._params), 2), dtype=np.float32)
-        )
+        b.enc_error = np.full((n, len(self._params), 2), np.nan, dtype=np.float32)
+        for k, e in enumerate(self._err_rows):
+            if e is not None:
+                b.enc_error[k] = e
         b.states = {
             name: {k: tensors.to_numpy_view(v[:n]) for k, v in st.items()}
             for name, st in bufs["states"].items()
@@ -509,32 +510,37 @@ class Recorder:
 
         slot = self._slot
         bufs = self._bufs
-        errors = np.full((len(self._params), 2), np.nan, dtype=np.float32)
+        errors: np.ndarray | None = None  # lossy tensors' errors (NaN rows at flush if none)
+        grad = torch.is_grad_enabled()
+        # grad mode off without torch.no_grad's Python context manager (its enter and exit
+        # cost more than the θ copy's dispatch right after a training step)
+        torch._C._set_grad_enabled(False)
         try:
-            with torch.no_grad():
-                params = [p for _, p in self._params]
-                # θ_{t+1} into the block: the writer takes the deltas (and the exact-replay
-                # corrections) for the whole block at once
-                views = self._theta_views[slot + 1]
-                if views is None:  # row views made once per pooled buffer and slot
-                    views = self._theta_views[slot + 1] = [r[slot + 1] for r in self._theta_rows]
-                self._copier.copy(views, self._lossless_params, True)
-                self._norms: list[tuple[int, torch.Tensor]] = []
-                for i in self._lossy:
-                    self._record_lossy(i, params[i].detach(), bufs["arrays"][i], slot)
-                if self._norms:
-                    norms = torch.stack([n for _, n in self._norms]).cpu().numpy()
-                    rows = [i for i, _ in self._norms]
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        errors[rows, 0] = np.where(norms[:, 1] > 0, norms[:, 0] / norms[:, 1], 0)
-                        errors[rows, 1] = np.where(norms[:, 3] > 0, norms[:, 2] / norms[:, 3], 0)
-                if self.meta.recorder["optimizer_state"] == "every_step":
-                    self._state.capture(bufs["states"], slot)
+            # θ_{t+1} into the block: the writer takes the deltas (and the exact-replay
+            # corrections) for the whole block at once
+            views = self._theta_views[slot + 1]
+            if views is None:  # row views made once per pooled buffer and slot
+                views = self._theta_views[slot + 1] = [r[slot + 1] for r in self._theta_rows]
+            self._copier.copy(views, self._lossless_params, True)
+            self._norms: list[tuple[int, torch.Tensor]] = []
+            for i in self._lossy:
+                self._record_lossy(i, self._params[i][1].detach(), bufs["arrays"][i], slot)
+            if self._norms:
+                errors = np.full((len(self._params), 2), np.nan, dtype=np.float32)
+                norms = torch.stack([n for _, n in self._norms]).cpu().numpy()
+                rows = [i for i, _ in self._norms]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    errors[rows, 0] = np.where(norms[:, 1] > 0, norms[:, 0] / norms[:, 1], 0)
+                    errors[rows, 1] = np.where(norms[:, 3] > 0, norms[:, 2] / norms[:, 3], 0)
+            if self._state_every_step:
+                self._state.capture(bufs["states"], slot)
         except BaseException as e:
             # part of this step's state was consumed: refuse to record further steps (the
             # block's rows up to the previous step are intact and commit cleanly)
             self._broken = e
             raise
+        finally:
+            torch._C._set_grad_enabled(grad)
         now = time.time()
         self._scalar_rows["timestamp"].append(now)
         self._scalar_rows["duration"].append(now - self._last_time)
@@ -550,7 +556,7 @@ class Recorder:
         self._ghosts.append(ghosts)
         self._slot += 1
         self._t += 1
-        keyframe = keyframe_due(self._t, self.config_keyframe_every)
+        keyframe = keyframe_due(self._t, self._keyframe_every)
         if keyframe:
             self._block.keyframes.append(self._keyframe(self._t))
         if self._t == self._block_end:
