@@ -276,3 +276,38 @@ def test_force_keeps_factors_larger_than_full_and_info_says_so(tmp_path, digits)
     assert t["delta_rel_error_max"] < 1e-5  # exact to the float sum
     result = CliRunner().invoke(main, ["info", str(tmp_path / "f.zarr")])
     assert "forced, even if larger than full" in result.output
+
+
+def test_hyperparameters_are_read_every_step_and_a_changed_group_is_refused(tmp_path):
+    """Per-step hyperparameters follow the optimizer: a schedule's lr, a tuple (betas) changed
+    in place, an lr that becomes a 1-element tensor; a param group added during recording
+    gets a clear error (the steps before it stay in the store)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = torch.optim.AdamW(model[0].parameters(), lr=0.1, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    path = tmp_path / "hp.zarr"
+    with (
+        pytest.raises(hs.RecorderError, match="param groups changed"),
+        hs.Recorder(path, model, opt) as rec,
+    ):
+        for t in range(6):
+            model(torch.ones(3, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if t == 5:
+                opt.add_param_group({"params": list(model[1].parameters())})
+            rec.step([t])
+            sched.step()
+            if t == 1:
+                opt.param_groups[0]["betas"] = (0.8, 0.95)
+            if t == 3:
+                opt.param_groups[0]["lr"] = torch.tensor(0.02)
+    s = hs.open_store(path)
+    assert s.num_steps == 5
+    np.testing.assert_allclose(
+        s.hparam("g0.lr"), [0.1, 0.05, 0.025, 0.0125, 0.02], rtol=0, atol=1e-9
+    )
+    assert s.hparam("g0.betas.0").tolist() == pytest.approx([0.9, 0.9, 0.8, 0.8, 0.8])
+    assert s.hparam("g0.betas.1").tolist() == pytest.approx([0.99, 0.99, 0.95, 0.95, 0.95])
+    assert verify(str(path)).ok

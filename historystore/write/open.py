@@ -65,6 +65,47 @@ def numeric_hparams(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return out
 
 
+class HparamReader:
+    """Reads :func:`numeric_hparams`' values at every step, in ``keys`` order, without
+    rebuilding the dict: the (group, key, index) of each value is found once and reused while
+    every param group is the same dict with the same number of keys (right after a training
+    step ``numeric_hparams`` cost ~23 µs, this ~9 µs). Raises :class:`RecorderError` when the
+    groups' numeric keys no longer match ``keys``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, keys: list[str]) -> None:
+        self.optimizer = optimizer
+        self.keys = keys
+        self._groups: list[tuple[dict[str, Any], int]] = []
+        self._where: list[tuple[dict[str, Any], str, int]] = []  # index -1: a scalar
+
+    def read(self) -> list[float]:
+        groups = self.optimizer.param_groups
+        if len(groups) == len(self._groups) and all(
+            g is h and len(g) == n for g, (h, n) in zip(groups, self._groups, strict=True)
+        ):
+            try:
+                return [float(g[k] if j < 0 else g[k][j]) for g, k, j in self._where]
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
+                pass  # a value changed kind: the general path says how
+        hp = numeric_hparams(self.optimizer)
+        if sorted(hp) != self.keys:
+            raise RecorderError(
+                "the optimizer's param groups changed during recording (a group was added or "
+                "its keys changed); start a new store for the new optimizer"
+            )
+        self._groups = [(g, len(g)) for g in groups]
+        self._where = []
+        for name in self.keys:  # g<i>.<key>[.<j>]; keys may hold dots, indices never do
+            gi, _, rest = name[1:].partition(".")
+            g = groups[int(gi)]
+            key, _, j = rest.rpartition(".")
+            if key in g and j.isdigit() and isinstance(g[key], (tuple, list)):
+                self._where.append((g, key, int(j)))
+            else:
+                self._where.append((g, rest, -1))
+        return [hp[k] for k in self.keys]
+
+
 def _static_hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     out = []
     for group in optimizer.param_groups:

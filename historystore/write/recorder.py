@@ -31,7 +31,7 @@ from ..meta import layout
 from . import process
 from .keyframes import keyframe_due, make_keyframe
 from .lock import writer_lock
-from .open import create_new, named_trainable, numeric_hparams, open_existing
+from .open import HparamReader, create_new, named_trainable, open_existing
 from .state import StateCapture
 from .transfer import HostCopier
 from .writer import Block, BlockWriter
@@ -80,6 +80,12 @@ def _as_ids(x: IdsLike | None, what: str) -> torch.Tensor:
             f"{what} must be a 1-D sequence of integers, got shape {a.shape} dtype {a.dtype}"
         )
     return torch.from_numpy(np.array(a, dtype=np.int64))  # a copy: writable, not aliased
+
+
+def _smallest(ids: torch.Tensor) -> int:
+    """``int(ids.min())``; a batch's worth through a Python list, which right after a training
+    step cost ~18 µs vs ~30 µs for torch's reduction (both ~3 µs hot)."""
+    return min(ids.tolist()) if len(ids) <= 1024 else int(ids.min())
 
 
 class _BufferPool:
@@ -205,6 +211,7 @@ class Recorder:
         self._last_keyframe = opened.last_keyframe
         self._group_of = self._param_groups()
         self._keyframe_every = self.config_keyframe_every
+        self._hparams = HparamReader(self.optimizer, self.meta.hparam_keys)
         self._state_every_step = self.meta.recorder["optimizer_state"] == "every_step"
         self._encs: list[Encoding] = [
             get_encoding(t.encoding, t.shape, t.dtype, **t.encoding_params)
@@ -371,6 +378,7 @@ class Recorder:
             "ghost_size": [],
         }
         self._hparam_rows: dict[str, list[float]] = {k: [] for k in self.meta.hparam_keys}
+        self._hparam_list = [self._hparam_rows[k] for k in self.meta.hparam_keys]
         self._err_rows: list[np.ndarray | None] = []
         self._block_end = (t0 // self.steps_per_block + 1) * self.steps_per_block
 
@@ -489,18 +497,13 @@ class Recorder:
             raise ValueError(f"got {len(lab)} labels for {len(ids)} example ids")
         ghosts = _as_ids(ghost_ids, "ghost_ids")
         for what, a in (("example_ids", ids), ("ghost_ids", ghosts)):
-            if len(a) and int(a.min()) < 0:
+            if len(a) and _smallest(a) < 0:
                 raise ValueError(
                     f"{what} must be dataset indices >= 0, got {int(a.min())} at position "
                     f"{int(a.argmin())} (step {self._t}; the step was not recorded: call "
                     "rec.step() again with valid ids)"
                 )
-        hp = numeric_hparams(self.optimizer)
-        if sorted(hp) != self.meta.hparam_keys:
-            raise RecorderError(
-                "the optimizer's param groups changed during recording (a group was added or "
-                "its keys changed); start a new store for the new optimizer"
-            )
+        hp = self._hparams.read()
         if self._broken is not None:
             raise RecorderError(
                 f"the recorder stopped at step {self._t} after an error ({self._broken!r}); "
@@ -547,8 +550,8 @@ class Recorder:
         self._scalar_rows["batch_size"].append(len(ids))
         self._scalar_rows["ghost_size"].append(len(ghosts))
         self._last_time = now
-        for k in self.meta.hparam_keys:
-            self._hparam_rows[k].append(hp[k])
+        for row, v in zip(self._hparam_list, hp, strict=True):
+            row.append(v)
         self._err_rows.append(errors)
         self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         self._ids.append(ids)
