@@ -207,8 +207,8 @@ def test_negative_example_ids_are_refused_and_the_step_can_be_repeated(tmp_path)
 
 def test_malformed_ids_are_refused_and_ids_of_every_kind_are_stored(tmp_path):
     """Float, boolean and 2-D ids (torch or numpy) get a clear error and leave the step to
-    be repeated; torch ids of other integer types and numpy arrays the caller reuses
-    afterwards are stored as given at the call."""
+    be repeated; torch ids of other integer types, and numpy arrays or torch tensors the
+    caller reuses afterwards, are stored as given at the call."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -231,10 +231,17 @@ def test_malformed_ids_are_refused_and_ids_of_every_kind_are_stored(tmp_path):
         opt.step()
         rec.step(reused, labels=[2, 2, 2])
         reused[:] = -1  # the caller's array, reused after the call
+        ids_buf, labels_buf = torch.tensor([5, 6]), torch.tensor([1, 1])
+        model(torch.ones(3, 4)).sum().backward()
+        opt.step()
+        rec.step(ids_buf, labels=labels_buf)
+        ids_buf.fill_(-1)  # the same for torch tensors (e.g. a loader's reused buffer)
+        labels_buf.fill_(-1)
     s = hs.open_store(tmp_path / "ids.zarr")
-    assert s.num_steps == 5
-    assert [s.batch(t).ids.tolist() for t in range(5)] == [[3, 4]] * 4 + [[7, 8, 9]]
+    assert s.num_steps == 6
+    assert [s.batch(t).ids.tolist() for t in range(6)] == [[3, 4]] * 4 + [[7, 8, 9], [5, 6]]
     assert s.batch(0).labels.tolist() == [1, 0] and s.batch(4).labels.tolist() == [2, 2, 2]
+    assert s.batch(5).labels.tolist() == [1, 1]
     assert verify(str(tmp_path / "ids.zarr")).ok
 
 

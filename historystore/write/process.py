@@ -196,8 +196,10 @@ class ProcessWriter:
             self.raise_if_failed()
         self._pending.append(block.release)
 
-    def raise_if_failed(self) -> None:
-        while self._alive and self._poll.poll(0):
+    def raise_if_failed(self, poll: bool = True) -> None:
+        """Raise the writer's error; ``poll``: first take the writer's messages (a system
+        call: ``rec.step`` leaves it to the block's hand-over, which polls)."""
+        while poll and self._alive and self._poll.poll(0):
             self._receive()
         if self._error is not None:
             cause = RuntimeError(f"in the writer process:\n{self._trace}")

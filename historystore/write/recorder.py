@@ -65,6 +65,8 @@ def _as_ids(x: IdsLike | None, what: str) -> torch.Tensor:
     if x is None:
         return _NO_IDS
     if isinstance(x, torch.Tensor):
+        if x.dtype is torch.int64 and x.is_cpu and x.dim() == 1:  # the usual case, quickly
+            return x.clone()  # a copy: the caller may reuse its tensor before the flush
         t = x.detach()
         if t.dim() != 1 or (
             t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
@@ -73,7 +75,7 @@ def _as_ids(x: IdsLike | None, what: str) -> torch.Tensor:
                 f"{what} must be a 1-D sequence of integers, got shape {tuple(t.shape)} "
                 f"dtype {t.dtype}"
             )
-        return t if t.dtype == torch.int64 and t.device.type == "cpu" else t.to("cpu", torch.int64)
+        return t.to("cpu", torch.int64, copy=True)
     a = np.asarray(x)
     if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
         raise ValueError(
@@ -472,7 +474,7 @@ class Recorder:
             raise RecorderError(
                 "use the Recorder as a context manager: `with Recorder(...) as rec:`"
             )
-        self._writer.raise_if_failed()
+        self._writer.raise_if_failed(poll=False)  # (a writer process is polled at flush)
         if self._opt_steps != 1:
             n, self._opt_steps = self._opt_steps, 0
             if n == 0:

@@ -322,7 +322,8 @@ class BlockWriter:
             except queue.Full:
                 self.raise_if_failed()
 
-    def raise_if_failed(self) -> None:
+    def raise_if_failed(self, poll: bool = True) -> None:
+        """Raise the writer thread's error (``poll``: for the process writer's interface)."""
         if self._error is not None:
             raise RecorderError(f"the background writer failed: {self._error!r}") from self._error
 
