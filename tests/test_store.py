@@ -139,8 +139,9 @@ def test_restore_then_resume_continues_the_run_exactly(tmp_path, digits) -> None
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_state_capture_follows_replaced_state_tensors(tmp_path, digits, kind) -> None:
     """The recorder repeats a step's state copies while the optimizer keeps its tensors;
-    state replaced mid-run (``load_state_dict`` makes new tensors) is captured from then on,
-    and each step's stored state is the optimizer's, bit for bit."""
+    state replaced mid-run (``load_state_dict`` makes new tensors, or one tensor rebound in a
+    param's state dict) is captured from then on, and each step's stored state is the
+    optimizer's, bit for bit."""
     seen: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     names: dict[int, str] = {}
 
@@ -150,6 +151,10 @@ def test_state_capture_follows_replaced_state_tensors(tmp_path, digits, kind) ->
             names.update({id(p): n for n, p in rec.model.named_parameters()})
         if t in (9, 20):  # new state tensors (same values), as after a checkpoint reload
             opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        if t == 15:  # one tensor rebound inside a param's existing state dict
+            st = opt.state[next(iter(opt.state))]
+            key = next(k for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim())
+            st[key] = st[key].clone()
         seen[t] = {
             names[id(p)]: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
             for p, s in opt.state.items()
@@ -157,7 +162,7 @@ def test_state_capture_follows_replaced_state_tensors(tmp_path, digits, kind) ->
 
     run = record_run(tmp_path / "s.zarr", kind, 30, digits, on_step=on_step)
     store = hs.open_store(run.path)
-    for t in (8, 9, 10, 11, 19, 20, 21, 29):
+    for t in (8, 9, 10, 11, 14, 15, 16, 19, 20, 21, 29):
         got = store.optimizer_state(t)
         for name, st in seen[t].items():
             for key, value in st.items():
