@@ -240,6 +240,18 @@ def _cpu() -> float:
     return time.process_time() + t.children_user + t.children_system
 
 
+def _train_step(
+    w: Workload, model: nn.Module, opt: torch.optim.Optimizer, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on batch ``idx``; returns its labels and loss."""
+    y = w.y[idx]
+    loss = F.cross_entropy(model(w.x[idx]), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return y, loss
+
+
 def run_once(
     w: Workload,
     config: hs.RecorderConfig | None,
@@ -267,11 +279,7 @@ def run_once(
         wait = _Timed(writer, "submit")
     try:
         for idx in batches:
-            y = w.y[idx]
-            loss = F.cross_entropy(model(w.x[idx]), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            y, loss = _train_step(w, model, opt, idx)
             if rec is not None:
                 t0 = time.perf_counter()
                 if profiler is not None:
@@ -330,11 +338,7 @@ def run_floor(w: Workload, block_bytes: int = 16 << 20) -> dict[str, Any]:
     copy_s = 0.0
     t_start = time.perf_counter()
     for t, idx in enumerate(batches):
-        y = w.y[idx]
-        loss = F.cross_entropy(model(w.x[idx]), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _train_step(w, model, opt, idx)
         t0 = time.perf_counter()
         with torch.no_grad():
             torch._foreach_copy_(views[t % slots], params)
