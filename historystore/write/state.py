@@ -183,8 +183,7 @@ class StateCapture:
         plan = self._plan
         # the same state tensors (not their detached views, new objects at every call): keep
         # the plan, and with it the row views of the other pooled block buffers
-        held = [id(v) for _, _, _, same in checks for _, v in same]
-        if plan is None or plan.held != held:
+        if plan is None or plan.held != _Plan.held_ids(checks):
             plan = self._plan = _Plan(src, checks, missing)
         plan.rows[id(states)] = rows
         plan.views[id(states)] = [None] * self.spb
@@ -213,36 +212,29 @@ class _Plan:
         missing: list[torch.Tensor],
     ) -> None:
         self.src = src
-        self.held = [id(v) for _, _, _, same in checks for _, v in same]  # the state tensors
-        self.checks = checks  # (param, its state dict, its key count, [(key, tensor)])
+        self.held = self.held_ids(checks)  # the state tensors (not detached views of them)
         self.missing = missing  # params without state yet: a state appearing ends the plan
         self.rows: dict[int, list[torch.Tensor]] = {}  # id(block states) -> buffer per src
         self.views: dict[int, list[list[torch.Tensor] | None]] = {}  # ... -> row views per slot
-        # the same checks as flat lists, tested with map() (C loops: a Python loop over every
-        # tensor and key cost ~30 µs per step right after a training step)
+        # checks (param, its state dict, its key count, [(key, tensor)]) as flat lists, tested
+        # with map(): C loops (a Python loop over every tensor and key cost ~30 µs per step
+        # right after a training step). Optimizer state is a dict per param (torch's contract).
         self._params = [p for p, _, _, _ in checks]
         self._dicts = [st for _, st, _, _ in checks]
         self._lens = [n for _, _, n, _ in checks]
         self._key_dicts = [st for _, st, _, same in checks for _ in same]
         self._keys = [k for _, _, _, same in checks for k, _ in same]
         self._tensors = [v for _, _, _, same in checks for _, v in same]
-        self._flat = all(isinstance(st, dict) for st in self._dicts)
+
+    @staticmethod
+    def held_ids(checks: list[tuple[Any, Any, Any, list[tuple[Any, torch.Tensor]]]]) -> list[int]:
+        return [id(v) for _, _, _, same in checks for _, v in same]
 
     def holds(self, ostate: Any) -> bool:
         if self.missing and any(map(ostate.get, self.missing)):
             return False
-        if self._flat:
-            return (
-                all(map(operator.is_, map(ostate.get, self._params), self._dicts))
-                and list(map(len, self._dicts)) == self._lens
-                and all(
-                    map(operator.is_, map(dict.get, self._key_dicts, self._keys), self._tensors)
-                )
-            )
-        for p, st, n, same in self.checks:
-            if ostate.get(p) is not st or len(st) != n:
-                return False
-            for k, v in same:
-                if st.get(k) is not v:
-                    return False
-        return True
+        return (
+            all(map(operator.is_, map(ostate.get, self._params), self._dicts))
+            and list(map(len, self._dicts)) == self._lens
+            and all(map(operator.is_, map(dict.get, self._key_dicts, self._keys), self._tensors))
+        )
